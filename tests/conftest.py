@@ -1,0 +1,38 @@
+"""Shared test set-up.
+
+- No test touches the network: ``HF_HUB_OFFLINE=1``.
+- The converted-weights cache lives in ``<repo>/.cache/test-cache`` (git-ignored), so local runs
+  reuse conversions while the user's own cache is never touched; on CI it starts empty.
+- Integration tests (real packaged models) are marked ``integration``: ``-m "not integration"``
+  skips them locally.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WORKBENCH_CACHE_DIR", str(REPO / ".cache" / "test-cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Every tiny family, loaded once per session: {name: Model}."""
+    import workbench
+
+    return {
+        name: workbench.load_model(name, device="cpu", progress=False)
+        for name in ("tiny-gpt2", "tiny-llama", "tiny-bert", "tiny-t5")
+    }
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import workbench
+
+    return workbench.load_model("smollm2-135m", device="cpu")

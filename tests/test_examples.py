@@ -1,0 +1,32 @@
+"""The examples in examples/ run as documented."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _run(script: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, str(EXAMPLES / script), *args],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_quickstart_on_tiny_model():
+    out = _run("quickstart.py", "tiny-gpt2")
+    assert "tiny-gpt2: decoder GPT2LMHeadModel, 2 layers" in out
+    assert "residual-stream norm" in out
+
+
+@pytest.mark.integration
+def test_quickstart_on_default_model():
+    out = _run("quickstart.py")
+    assert "smollm2-135m: decoder LlamaForCausalLM, 30 layers, 9 query / 3 KV heads" in out
+    assert "bos=tokenizer tokens=['The', ' capital', ' of', ' France', ' is'] -> ' Paris'" in out
+    assert "bos=prepend   tokens=['<|im_start|>', 'The'" in out

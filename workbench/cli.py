@@ -1,0 +1,318 @@
+"""The ``workbench`` command line.
+
+Start-up stays light: this module imports click only. torch, TransformerLens and rich are imported
+inside the commands that need them, so ``workbench --help`` and ``workbench models`` answer fast.
+User mistakes print one line (``workbench: error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from workbench import __version__
+from workbench.errors import UserError
+
+BOS_CHOICE = click.Choice(["tokenizer", "prepend", "none"])
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "When Mary and John went to the store, John gave a drink to",
+    "The opposite of hot is",
+)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"workbench: error: {message}", err=True)
+    sys.exit(code)
+
+
+class WorkbenchGroup(click.Group):
+    """A click group whose user errors are one line on stderr and exit status 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            _fail(" ".join(exc.format_message().split()) + hint)
+        except UserError as exc:
+            _fail(str(exc))
+        except click.Abort:
+            click.echo("workbench: aborted", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            sys.exit(141)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _console(stderr: bool = False):  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _load(name: str, device: str, bos: str | None):  # type: ignore[no-untyped-def]
+    from workbench.models import load_model
+
+    console = _console(stderr=True)
+    with console.status(f"loading {name} ...", spinner="dots"):
+        return load_model(name, device=device, bos=bos)  # type: ignore[arg-type]
+
+
+def model_option(f: Any) -> Any:
+    f = click.option("--device", default="auto", show_default=True,
+                     help="cpu, cuda, cuda:N, or auto (CUDA when available).")(f)
+    f = click.option("--bos", type=BOS_CHOICE, default=None,
+                     help="How prompts are tokenized: 'tokenizer' adds the special tokens the "
+                          "model's tokenizer adds; 'prepend' puts BOS first (TransformerLens' "
+                          "habit); 'none' adds nothing. Default: the model's own policy "
+                          "(shown by 'workbench describe').")(f)
+    f = click.option("-m", "--model", "model_name", default="smollm2-135m", show_default=True,
+                     help="Registered name ('workbench models'), Hugging Face id ORG/NAME, "
+                          "model folder, or .gguf file.")(f)
+    return f
+
+
+@click.group(cls=WorkbenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="workbench")
+def cli() -> None:
+    """workbench: an interpretability workbench for transformer language models.
+
+    Load models through TransformerLens, look at their tokens and predictions. The default model
+    (SmolLM2-135M-Instruct) ships inside a Python package and works offline.
+    """
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def models_cmd(as_json: bool) -> None:
+    """List model sources and whether each can be loaded here (loads nothing)."""
+    from workbench.models import DEFAULT_MODEL, build_registry
+    from workbench.models.registry import GENERIC_SOURCES
+
+    registry = build_registry()
+    rows = []
+    for source in registry:
+        problem = source.availability()
+        cached = None
+        if source.is_cached is not None and problem is None:
+            try:
+                cached = bool(source.is_cached())
+            except Exception:
+                cached = None
+        rows.append({
+            "name": source.name,
+            "aliases": list(source.aliases),
+            "family": source.family,
+            "available": problem is None,
+            "unavailable_reason": problem,
+            "converted_cached": cached,
+            "has_lm_head": source.has_lm_head,
+            "default_bos": source.default_bos,
+            "origin": source.origin,
+            "description": source.description,
+            "plugin": source.plugin,
+            "default": source.name == DEFAULT_MODEL,
+        })
+    generic = [{"pattern": p, "description": d} for p, d in GENERIC_SOURCES]
+    if as_json:
+        click.echo(json.dumps({"models": rows, "generic": generic}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="Model sources", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    table.add_column("family", no_wrap=True)
+    table.add_column("available", no_wrap=True)
+    table.add_column("description", overflow="fold")
+    notes = []
+    for r in rows:
+        if r["available"]:
+            status = "[green]yes[/]"
+            if r["converted_cached"] is not None:
+                status += ", cached" if r["converted_cached"] else ", converts once"
+        else:
+            status = "[red]no[/] (see below)"
+            notes.append(f"{r['name']}: {r['unavailable_reason']}")
+        name = r["name"] + (" *" if r["default"] else "")
+        table.add_row(name, r["family"], status, r["description"])
+    for g in generic:
+        table.add_row(g["pattern"], "any", "[dim]if reachable[/]", g["description"])
+    console = _console()
+    console.print(table)
+    console.print("[dim]* default model. 'workbench describe NAME' loads one and shows its provenance.[/]")
+    for note in notes:
+        console.print(f"[red]unavailable[/] {note}", soft_wrap=True)
+
+
+# --- describe -----------------------------------------------------------------------------------
+
+
+def hook_patterns(names: list[str]) -> list[tuple[str, int]]:
+    """Collapse layer indices: ``blocks.{0..29}.attn.hook_q`` -> (``blocks.*.attn.hook_q``, 30)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        pattern = re.sub(r"(^|\.)(\d+)(?=\.)", r"\1*", name)
+        counts[pattern] = counts.get(pattern, 0) + 1
+    return list(counts.items())
+
+
+@cli.command("describe")
+@click.argument("model_name", required=False, default="smollm2-135m")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with every hook name).")
+@click.option("--hooks", "show_hooks", is_flag=True, help="List the hook points (layer-collapsed).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--bos", type=BOS_CHOICE, default=None, help="BOS policy to describe.")
+def describe_cmd(model_name: str, as_json: bool, show_hooks: bool, device: str, bos: str | None) -> None:
+    """Load MODEL and describe it: family, shape, normalisation, BOS policy, provenance, hooks."""
+    model = _load(model_name, device, bos)
+    info = model.info.to_dict()
+    if as_json:
+        info["hook_names"] = model.hook_names
+        click.echo(json.dumps(info, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    i = model.info
+    bos_line = f"{i.bos.policy}: adds {list(i.bos.prefix) or 'nothing'} before"
+    bos_line += f", {list(i.bos.suffix) or 'nothing'} after the text"
+    rows = [
+        ("model", f"{i.name}: {i.description}"),
+        ("family", f"{i.family} ({i.architecture})"),
+        ("layers", f"{i.n_layers}" + (f" encoder + {i.n_decoder_layers} decoder" if i.n_decoder_layers else "")),
+        ("heads", f"{i.n_heads} query, {i.n_kv_heads} key/value, d_head {i.d_head}"),
+        ("d_model / d_mlp", f"{i.d_model} / {i.d_mlp}"),
+        ("vocabulary", f"{i.d_vocab:,} tokens" + (" (tied embeddings)" if i.tied_embeddings else "")),
+        ("context", f"{i.n_ctx:,} tokens" if i.n_ctx else "unbounded"),
+        ("normalisation", f"{i.normalization}, {i.norm_placement}-norm"),
+        ("positions", i.positional),
+        ("attention", i.attention),
+        ("LM head", "trained" if i.has_lm_head else "[red]none (no trained head: predictions refused)[/]"),
+        ("BOS policy", bos_line),
+        ("numerics", f"{i.dtype} on {i.device}; {i.numerics}"),
+        ("hook points", f"{i.n_hook_names:,} names"),
+    ]
+    for key, value in i.provenance.to_dict().items():
+        if value is not None:
+            rows.append((f"provenance.{key}", str(value)))
+    for k, v in rows:
+        t.add_row(k, v)
+    console = _console()
+    console.print(t)
+    if show_hooks:
+        for pattern, n in hook_patterns(model.hook_names):
+            console.print(f"  {pattern}" + (f"  [dim]x{n}[/]" if n > 1 else ""))
+
+
+# --- predict / demo -------------------------------------------------------------------------------
+
+
+def _print_prediction(console: Any, pred: Any, show_ids: bool) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    toks = Text()
+    for j, (tid, s) in enumerate(zip(pred.token_ids, pred.str_tokens)):
+        if j:
+            toks.append("\u2502", style="dim")  # a bar between tokens; spaces shown as a dot
+        shown = repr(s)[1:-1].replace(" ", "\u00b7") or "\u2400"
+        toks.append(shown, style="reverse" if j == pred.position else "")
+        if show_ids:
+            toks.append(f"[{tid}]", style="dim")
+    console.print(Text.assemble(("prompt ", "bold"), repr(pred.prompt)))
+    console.print(Text.assemble((f"tokens ({len(pred.token_ids)}, bos={pred.bos_policy}) ", "bold"), toks))
+    table = Table(title=f"{pred.kind} at position {pred.position}", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("token")
+    table.add_column("id", justify="right")
+    table.add_column("probability", justify="right")
+    table.add_column("logit", justify="right")
+    for rank, t in enumerate(pred.top, 1):
+        bar = "\u2588" * max(1, round(t.prob * 20)) if t.prob >= 0.025 else ""
+        table.add_row(str(rank), repr(t.token), str(t.id), f"{t.prob:7.2%} {bar}", f"{t.logit:.2f}")
+    console.print(table)
+
+
+@cli.command("predict")
+@click.argument("prompts", nargs=-1, required=True)
+@model_option
+@click.option("-k", "--top-k", "k", default=10, show_default=True, type=click.IntRange(min=1),
+              help="How many tokens to show.")
+@click.option("--ids", "show_ids", is_flag=True, help="Show token ids beside the tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def predict_cmd(prompts: tuple[str, ...], model_name: str, device: str, bos: str | None,
+                k: int, show_ids: bool, as_json: bool) -> None:
+    """Show how each PROMPT is tokenized and the model's top next-token predictions.
+
+    Encoders predict the token at [MASK]; encoder-decoders their first output token.
+    """
+    model = _load(model_name, device, bos)
+    preds = [model.predict(p, k=k) for p in prompts]
+    if as_json:
+        click.echo(json.dumps({"model": model.info.to_dict(), "predictions": [p.to_dict() for p in preds]}, indent=2))
+        return
+    console = _console()
+    console.print(f"[bold]{model.name}[/] ({model.info.family}, {model.info.n_layers} layers)")
+    for pred in preds:
+        _print_prediction(console, pred, show_ids)
+
+
+@cli.command("demo")
+@model_option
+def demo_cmd(model_name: str, device: str, bos: str | None) -> None:
+    """The main job: load the default model and show real predictions on sample prompts."""
+    model = _load(model_name, device, bos)
+    console = _console()
+    i = model.info
+    console.print(
+        f"[bold]{model.name}[/]: {i.family} {i.architecture}, {i.n_layers} layers, "
+        f"{i.n_heads} query / {i.n_kv_heads} KV heads, d_model {i.d_model}, vocab {i.d_vocab:,}; "
+        f"weights {i.provenance.quantization or i.dtype}; BOS policy '{i.bos.policy}'"
+    )
+    for prompt in SAMPLE_PROMPTS:
+        _print_prediction(console, model.predict(prompt, k=5), show_ids=True)
+
+
+# --- cache ------------------------------------------------------------------------------------
+
+
+@cli.command("cache")
+@click.option("--clear", is_flag=True, help="Delete every converted model (they convert again on next load).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cache_cmd(clear: bool, as_json: bool) -> None:
+    """Show (or clear) the converted-weights cache ($WORKBENCH_CACHE_DIR, else XDG cache)."""
+    from workbench.models import gguf_cache
+    from workbench.paths import cache_dir
+
+    if clear:
+        n = gguf_cache.clear()
+        click.echo(f"removed {n} converted model(s) from {gguf_cache.converted_root()}")
+        return
+    entries = gguf_cache.list_entries()
+    if as_json:
+        click.echo(json.dumps({"cache_dir": str(cache_dir()), "entries": entries}, indent=2))
+        return
+    click.echo(f"cache: {cache_dir()}")
+    if not entries:
+        click.echo("  (no converted models)")
+    for e in entries:
+        click.echo(f"  {e['label'] or '?':28} {e['bytes'] / 1e6:8.1f} MB  {e['status']}  {e['entry']}")
+
+
+def main() -> None:
+    cli(prog_name="workbench")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

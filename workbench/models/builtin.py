@@ -1,0 +1,16 @@
+"""Core plugin registering the model sources that ship with workbench (always loaded)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from workbench.hookspecs import hookimpl
+from workbench.models.registry import ModelSource
+
+
+@hookimpl
+def register_models(register: Callable[[ModelSource], None]) -> None:
+    from workbench.models.sources import builtin_sources
+
+    for source in builtin_sources():
+        register(source)

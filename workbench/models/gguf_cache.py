@@ -1,0 +1,281 @@
+"""GGUF loading through a converted-weights cache.
+
+De-quantising a GGUF takes 30-65 s on two cores, so the first load saves the converted model
+(float32 safetensors + config + tokenizer) under ``<cache>/converted/<stem>-<sha256[:16]>/`` and
+later loads read that in about a second.
+
+Safety:
+- An entry is written in a temporary folder beside its final place and renamed into place only when
+  complete (a rename is atomic), so a crash never leaves a half-written entry under the final name.
+- ``manifest.json`` records every file's size and SHA-256. A load checks the sizes first and the
+  checksums in a thread while the model loads; any mismatch (truncation, bit rot, a missing file)
+  discards the entry and converts again. A damaged entry is never used.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from workbench.paths import cache_dir, fsync_dir, sha256_file
+
+# Bump when the layout of an entry changes: old entries are then simply not found.
+CACHE_FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ConvertedModel:
+    hf_model: Any
+    tokenizer: Any
+    entry: Path
+    quantization: str | None
+    from_cache: bool
+
+
+class DamagedEntry(Exception):
+    pass
+
+
+def converted_root() -> Path:
+    return cache_dir() / "converted"
+
+
+def entry_path(stem: str, sha256: str) -> Path:
+    return converted_root() / f"{stem}-{sha256[:16]}"
+
+
+def is_cached(stem: str, sha256: str) -> bool:
+    return (entry_path(stem, sha256) / MANIFEST).is_file()
+
+
+def gguf_quantization(gguf_path: Path) -> str:
+    """The quantisation of a GGUF file, e.g. ``GGUF Q4_1 (210 Q4_1, 61 F32, 1 Q8_0 tensors)``."""
+    from collections import Counter
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    counts = Counter(t.tensor_type.name for t in reader.tensors)
+    file_type = None
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        try:
+            file_type = gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_")
+        except (ValueError, TypeError):
+            file_type = None
+    if file_type is None:
+        file_type = counts.most_common(1)[0][0] if counts else "unknown"
+    detail = ", ".join(f"{n} {t}" for t, n in counts.most_common())
+    return f"GGUF {file_type} ({detail} tensors)"
+
+
+def load_converted(
+    *,
+    stem: str,
+    sha256: str,
+    materialize: Callable[[], Path],
+    label: str,
+    architecture: str | None = None,
+    progress: bool = True,
+) -> ConvertedModel:
+    """Load the converted model for the GGUF with this ``sha256``, converting it first if the
+    cache has no sound entry. ``materialize()`` returns the GGUF's path (it may assemble the file)
+    and is only called when a conversion is needed. ``architecture`` fills in
+    ``config.architectures`` when the GGUF does not say (Gemma 3)."""
+    entry = entry_path(stem, sha256)
+    if (entry / MANIFEST).exists() or entry.exists():
+        try:
+            hf_model, tokenizer, manifest = _load_entry(entry)
+            return ConvertedModel(hf_model, tokenizer, entry, manifest.get("quantization"), True)
+        except DamagedEntry as exc:
+            print(
+                f"workbench: warning: converted-weights cache entry {entry} is damaged ({exc}); "
+                "converting again",
+                file=sys.stderr,
+            )
+            _discard(entry)
+    gguf_path = materialize()
+    if progress:
+        print(
+            f"workbench: converting {label} from GGUF to float32 (first load only; "
+            f"cached in {entry.parent})",
+            file=sys.stderr,
+        )
+    hf_model, tokenizer, quantization = _convert(gguf_path, architecture, progress)
+    _save_entry(entry, hf_model, tokenizer, sha256=sha256, quantization=quantization, label=label)
+    return ConvertedModel(hf_model, tokenizer, entry, quantization, False)
+
+
+def _convert(gguf_path: Path, architecture: str | None, progress: bool) -> tuple[Any, Any, str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    start = time.monotonic()
+    folder, name = str(gguf_path.parent), gguf_path.name
+    if progress:
+        hf_logging.enable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, attn_implementation="eager", dtype=torch.float32
+        )
+    finally:
+        hf_logging.disable_progress_bar()
+    hf_model.eval()
+    if architecture and not hf_model.config.architectures:
+        hf_model.config.architectures = [architecture]
+    quantization = gguf_quantization(gguf_path)
+    if progress:
+        print(f"workbench: converted in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    return hf_model, tokenizer, quantization
+
+
+def _save_entry(
+    entry: Path, hf_model: Any, tokenizer: Any, *, sha256: str, quantization: str, label: str
+) -> None:
+    import transformers
+    from safetensors.torch import save_model
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        # save_model drops the tied copy of shared tensors (SmolLM2, Gemma tie their embeddings);
+        # from_pretrained ties them again from the config.
+        save_model(hf_model, str(tmp / "model.safetensors"))
+        config = copy.deepcopy(hf_model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the saved weights are plain float32
+        config.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        files = {}
+        for f in sorted(tmp.iterdir()):
+            if f.is_file():
+                files[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+                with open(f, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        manifest = {
+            "format": CACHE_FORMAT,
+            "label": label,
+            "source_sha256": sha256,
+            "quantization": quantization,
+            "transformers": transformers.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        fsync_dir(tmp)
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if (entry / MANIFEST).exists():  # another process finished the same conversion first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            raise
+        fsync_dir(entry.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _read_manifest(entry: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise DamagedEntry("manifest.json is missing") from None
+    except (OSError, ValueError) as exc:
+        raise DamagedEntry(f"manifest.json is unreadable: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+        raise DamagedEntry("manifest.json has an unknown format")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or "model.safetensors" not in files:
+        raise DamagedEntry("manifest.json lists no weights")
+    for name, meta in files.items():
+        path = entry / name
+        if not path.is_file():
+            raise DamagedEntry(f"{name} is missing")
+        if path.stat().st_size != meta.get("size"):
+            raise DamagedEntry(f"{name} has {path.stat().st_size} bytes, expected {meta.get('size')}")
+    return manifest
+
+
+def _verify_checksums(entry: Path, manifest: dict[str, Any]) -> str | None:
+    for name, meta in manifest["files"].items():
+        if sha256_file(entry / name) != meta.get("sha256"):
+            return f"{name} fails its checksum"
+    return None
+
+
+def _load_entry(entry: Path) -> tuple[Any, Any, dict[str, Any]]:
+    manifest = _read_manifest(entry)  # sizes: catches truncation before anything reads the file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The checksum (0.3 s per 500 MB) runs beside the load; the loaded model is only returned if
+    # it passes, so a damaged entry is never used.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        verdict = pool.submit(_verify_checksums, entry, manifest)
+        load_error: Exception | None = None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(entry))
+            hf_model = AutoModelForCausalLM.from_pretrained(str(entry), attn_implementation="eager")
+            hf_model.eval()
+        except Exception as exc:
+            load_error = exc
+        problem = verdict.result()
+    if problem:
+        raise DamagedEntry(problem)
+    if load_error is not None:
+        raise load_error
+    return hf_model, tokenizer, manifest
+
+
+def _discard(entry: Path) -> None:
+    trash = entry.with_name(f".{entry.name}.trash-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(entry, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def list_entries() -> list[dict[str, Any]]:
+    """Every entry in the converted-weights cache, with its size and whether it looks sound."""
+    root = converted_root()
+    out = []
+    if not root.is_dir():
+        return out
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+        try:
+            manifest = _read_manifest(entry)
+            status, label = "ok", manifest.get("label", "")
+        except DamagedEntry as exc:
+            status, label = f"damaged: {exc}", ""
+        out.append({"entry": str(entry), "label": label, "bytes": size, "status": status})
+    return out
+
+
+def clear() -> int:
+    """Remove every converted entry; returns how many were removed."""
+    root = converted_root()
+    if not root.is_dir():
+        return 0
+    n = 0
+    for entry in root.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+            n += 1
+    return n
