@@ -145,5 +145,8 @@ def test_cache_command_lists_entries(tmp_path, monkeypatch):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run(["workbench", "--version"], capture_output=True, text=True)
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "workbench"  # the venv's, whatever PATH says
+    out = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "workbench, version" in out.stdout
