@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from workbench import hookimpl
 from workbench.models import LoadedParts, LoadRequest, ModelSource, Provenance
@@ -72,7 +73,7 @@ def _tokenizer_dir(variant: str) -> Path:
 def _make_config(kind: str, vocab_size: int) -> Any:
     import transformers as tf
 
-    common = {"vocab_size": vocab_size, "pad_token_id": 0}
+    common: dict[str, Any] = {"vocab_size": vocab_size, "pad_token_id": 0}
     if kind == "gpt2":
         return tf.GPT2Config(
             n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS, n_inner=D_MLP, n_positions=N_CTX,
@@ -92,7 +93,7 @@ def _make_config(kind: str, vocab_size: int) -> Any:
             architectures=["BertForMaskedLM"], **common,
         )
     if kind == "t5":
-        return tf.T5Config(
+        return tf.T5Config(  # type: ignore[call-arg]  # extra kwargs are stored on the config
             d_model=D_MODEL, d_kv=D_MODEL // N_HEADS, d_ff=D_MLP, num_layers=N_LAYERS,
             num_decoder_layers=N_LAYERS, num_heads=N_HEADS, n_positions=N_CTX,
             eos_token_id=2, decoder_start_token_id=0,

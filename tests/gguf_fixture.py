@@ -19,7 +19,6 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def write_tiny_llama_gguf(path: Path) -> tuple[object, object]:
     """Write tiny-llama's weights and tokenizer to ``path``; return (hf_model, tokenizer)."""
     import gguf
-
     from workbench_plugins.tiny_models import build_hf_model
 
     hf, tok, _ = build_hf_model("llama")

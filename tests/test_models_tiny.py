@@ -128,8 +128,9 @@ def test_local_model_folder_loads_with_fingerprinted_provenance(tmp_path):
     Hugging Face model computes."""
     import hashlib
 
-    import workbench
     from workbench_plugins.tiny_models import build_hf_model
+
+    import workbench
 
     hf, tok, _ = build_hf_model("gpt2")
     hf.save_pretrained(tmp_path)

@@ -106,7 +106,7 @@ def models_cmd(as_json: bool) -> None:
         if source.is_cached is not None and problem is None:
             try:
                 cached = bool(source.is_cached())
-            except Exception:
+            except Exception:  # noqa: BLE001 - a listing reports "unknown", never crashes
                 cached = None
         rows.append({
             "name": source.name,

@@ -22,7 +22,8 @@ and is found through the ``workbench`` entry-point group::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
 

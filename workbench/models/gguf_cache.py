@@ -21,10 +21,11 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from workbench.paths import cache_dir, fsync_dir, sha256_file
 
@@ -230,7 +231,7 @@ def _load_entry(entry: Path) -> tuple[Any, Any, dict[str, Any]]:
             tokenizer = AutoTokenizer.from_pretrained(str(entry))
             hf_model = AutoModelForCausalLM.from_pretrained(str(entry), attn_implementation="eager")
             hf_model.eval()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised below unless the entry is damaged
             load_error = exc
         problem = verdict.result()
     if problem:
@@ -252,7 +253,7 @@ def _discard(entry: Path) -> None:
 def list_entries() -> list[dict[str, Any]]:
     """Every entry in the converted-weights cache, with its size and whether it looks sound."""
     root = converted_root()
-    out = []
+    out: list[dict[str, Any]] = []
     if not root.is_dir():
         return out
     for entry in sorted(root.iterdir()):

@@ -8,9 +8,10 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from workbench.errors import ModelNotFound, UserError
 
@@ -103,7 +104,7 @@ class ModelSource:
     def availability(self) -> str | None:
         try:
             return self.check()
-        except Exception as exc:  # a broken check reports, never crashes a listing
+        except Exception as exc:  # noqa: BLE001 - a broken check reports, never crashes a listing
             return f"availability check failed: {type(exc).__name__}: {exc}"
 
 
@@ -204,7 +205,7 @@ def build_registry(pm: pluggy.PluginManager | None = None) -> ModelRegistry:
             impl.function(register=register) if impl.argnames else impl.function()
         except UserError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # one plugin must not take down the others
             if strict_plugins():
                 raise
             print(

@@ -16,6 +16,7 @@ import importlib.util
 import os
 from importlib import metadata
 from pathlib import Path
+
 from workbench.errors import ModelUnavailable, UserError
 from workbench.models import gguf_cache
 from workbench.models.registry import LoadedParts, LoadRequest, ModelSource, Provenance
@@ -33,7 +34,7 @@ def _package_dir(module: str) -> Path | None:
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _dist_version(dist: str) -> str | None:
