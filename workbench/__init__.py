@@ -17,8 +17,10 @@ from workbench.hookspecs import hookimpl
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from workbench.capturing import Prompt, capture
     from workbench.models import DEFAULT_MODEL, ModelSource, Provenance, load_model
     from workbench.models.model import Model, ModelInfo, Prediction
+    from workbench.store import Run, open_run
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -26,11 +28,15 @@ __all__ = [
     "ModelInfo",
     "ModelSource",
     "Prediction",
+    "Prompt",
     "Provenance",
+    "Run",
     "UserError",
     "__version__",
+    "capture",
     "hookimpl",
     "load_model",
+    "open_run",
 ]
 
 _LAZY = {
@@ -41,6 +47,10 @@ _LAZY = {
     "Model": "workbench.models.model",
     "ModelInfo": "workbench.models.model",
     "Prediction": "workbench.models.model",
+    "capture": "workbench.capturing",
+    "Prompt": "workbench.capturing",
+    "open_run": "workbench.store",
+    "Run": "workbench.store",
 }
 
 

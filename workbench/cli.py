@@ -284,6 +284,140 @@ def demo_cmd(model_name: str, device: str, bos: str | None) -> None:
         _print_prediction(console, model.predict(prompt, k=5), show_ids=True)
 
 
+# --- capture / inspect -----------------------------------------------------------------------------
+
+PRESET_HELP = (
+    "presets: residual, attention, attention-full, mlp, lens, all "
+    "('workbench capture --list-presets' says what each holds)"
+)
+
+
+@cli.command("capture")
+@model_option
+@click.option("-p", "--prompt", "prompt_texts", multiple=True, metavar="TEXT",
+              help="A prompt (repeatable).")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Prompts file: .jsonl (objects with 'prompt', optional 'id', and any metadata: "
+                   "'answer', 'wrong', 'corrupted', ...) or text (one prompt per line).")
+@click.option("--hooks", "hook_items", multiple=True, metavar="PATTERN",
+              help="Hook name, glob ('*' within a dot segment, '**' across) or preset; repeatable. "
+                   "Default: residual. " + PRESET_HELP)
+@click.option("-o", "--out", type=click.Path(dir_okay=False), metavar="RUN.h5",
+              help="Run file to write (written as RUN.h5.partial, renamed when complete).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--dtype", "storage_dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              default="float32", show_default=True,
+              help="Storage dtype (float32 is exact; bfloat16 is kept bit-exact as raw bits).")
+@click.option("--compression", type=click.Choice(["none", "gzip", "lzf"]), default="none",
+              show_default=True, help="HDF5 compression of activations (dense floats barely compress).")
+@click.option("--top-k", default=10, show_default=True, type=click.IntRange(1, 1000),
+              help="Next-token predictions stored per position.")
+@click.option("--truncate", is_flag=True, help="Cut prompts longer than the model's context (warns).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run once the new one is complete.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted capture (same prompts and settings).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved hooks and the size estimate; write nothing.")
+@click.option("--list-presets", is_flag=True, help="List the hook presets and exit.")
+def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tuple[str, ...],
+                prompts_file: str | None, hook_items: tuple[str, ...], out: str | None,
+                batch_size: int, storage_dtype: str, compression: str, top_k: int, truncate: bool,
+                overwrite: bool, resume: bool, dry_run: bool, list_presets: bool) -> None:
+    """Run MODEL over prompts and record activations into an HDF5 run.
+
+    Also stored for every prompt: token ids and strings, per-token loss, the top-k next-token
+    predictions at every position, and everything needed to reproduce the run.
+    """
+    from workbench.capturing.hooks import PRESETS
+
+    if list_presets:
+        for name, (description, patterns) in PRESETS.items():
+            click.echo(f"{name:15} {description}\n{'':15} {' '.join(patterns)}")
+        return
+    from workbench.capturing import capture
+    from workbench.capturing.prompts import Prompt, load_prompts_file
+
+    prompts: list[Prompt] = [Prompt(text=t, id=f"p{i}") for i, t in enumerate(prompt_texts)]
+    for i, t in enumerate(prompt_texts):
+        if not t:
+            raise UserError(f"prompt {i + 1} (--prompt) is empty")
+    if prompts_file:
+        loaded = load_prompts_file(prompts_file)
+        if prompts:  # keep ids unique across both sources
+            loaded = [p if p.metadata or not p.id.startswith("p") else
+                      Prompt(text=p.text, id=f"p{len(prompts) + k}", metadata=p.metadata)
+                      for k, p in enumerate(loaded)]
+        prompts += loaded
+    if not prompts:
+        raise UserError("no prompts: give --prompt TEXT or --prompts FILE")
+    if not out and not dry_run:
+        raise UserError("--out RUN.h5 is required (or --dry-run)")
+    if not dry_run and out:
+        from pathlib import Path
+
+        from workbench.capturing.runner import _check_output
+
+        _check_output(Path(out).expanduser().absolute(), overwrite, resume)
+    model = _load(model_name, device, bos)
+    result = capture(
+        model, prompts, hooks=list(hook_items) or ["residual"], out=out, batch_size=batch_size,
+        dtype=storage_dtype, compression=compression, top_k=top_k, truncate=truncate,
+        overwrite=overwrite, resume=resume, dry_run=dry_run,
+    )
+    if dry_run:
+        plan = result.plan
+        for line in plan.summary():
+            click.echo(line)
+        click.echo("stored tensors:")
+        for line in plan.hook_table():
+            click.echo(line)
+        free = None
+        if out:
+            import shutil
+            from pathlib import Path
+
+            parent = Path(out).expanduser().absolute().parent
+            if parent.is_dir():
+                free = shutil.disk_usage(parent).free
+        if free is not None:
+            click.echo(f"free space at the output: {free / 1e9:.1f} GB")
+
+
+@cli.command("inspect")
+@click.argument("run_path", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("-n", "--prompts", "n_show", default=5, show_default=True, type=click.IntRange(min=0),
+              help="How many prompts to list.")
+def inspect_cmd(run_path: str, as_json: bool, n_show: int) -> None:
+    """Summarise a run (finished, still being written, or interrupted) without loading the model."""
+    from workbench.store import open_run
+
+    with open_run(run_path) as run:
+        summary = run.summary(n_show)
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+            return
+        info = run.model_info
+        prov = info.get("provenance") or {}
+        settings = run.settings
+        click.echo(f"run      {run.path}  [{run.status}]  {run.size_bytes() / 1e6:,.1f} MB")
+        click.echo(f"model    {info['name']}: {info['family']} {info['architecture']}, "
+                   f"{info['n_layers']} layers, d_model {info['d_model']}; "
+                   f"{prov.get('quantization') or prov.get('source')}")
+        click.echo(f"prompts  {len(run):,} of {run.planned_prompts:,} committed, "
+                   f"{run.n_tokens_total:,} tokens; BOS policy '{settings.get('bos')}'")
+        lm = "yes" if run.has_lm_outputs else "no (the model has no LM head)"
+        click.echo(f"storage  {run.storage_dtype}, {settings.get('compression') or 'no'} compression, "
+                   f"{len(run.hooks)} stored tensors; loss and top-{settings.get('top_k')}: {lm}")
+        click.echo(f"hooks    requested: {' '.join(settings.get('hooks_requested') or [])}")
+        for pattern, n in hook_patterns(list(run.hooks)):
+            click.echo(f"           {pattern}" + (f"  x{n}" if n > 1 else ""))
+        for p in summary["first_prompts"]:
+            text = p["text"] if len(p["text"]) <= 60 else p["text"][:57] + "..."
+            meta = f"  {p['metadata']}" if p["metadata"] else ""
+            click.echo(f"  [{p['index']}] {p['id']} ({p['n_tokens']} tokens) {text!r}{meta}")
+        if len(run) > len(summary["first_prompts"]):
+            click.echo(f"  ... {len(run) - len(summary['first_prompts']):,} more")
+
+
 # --- cache ------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,123 @@
+"""Prompts: from the command line, a text file (one per line) or JSONL.
+
+JSONL lines are objects with ``prompt`` (required) and ``id`` (optional); every other field is kept
+as per-prompt metadata. Three fields have a meaning every analysis understands:
+
+- ``answer``: the expected next token or text;
+- ``wrong``: a contrasting answer, for logit differences (``answer`` minus ``wrong``);
+- ``corrupted``: a corrupted version of the prompt with the same number of tokens, for patching.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import UserError
+
+TASK_FIELDS = ("answer", "wrong", "corrupted")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    id: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_metadata(meta: dict[str, Any], where: str) -> None:
+    for key in TASK_FIELDS:
+        if key in meta and not isinstance(meta[key], str):
+            raise UserError(f"{where}: field {key!r} must be a string")
+    if "corrupted" in meta and not meta["corrupted"]:
+        raise UserError(f"{where}: field 'corrupted' is empty")
+
+
+def from_mapping(obj: Mapping[str, Any], index: int, where: str) -> Prompt:
+    if "prompt" not in obj:
+        raise UserError(f"{where}: no 'prompt' field")
+    text = obj["prompt"]
+    if not isinstance(text, str):
+        raise UserError(f"{where}: 'prompt' must be a string")
+    if not text:
+        raise UserError(f"{where}: empty prompt")
+    pid = obj.get("id", f"p{index}")
+    if not isinstance(pid, (str, int)) or isinstance(pid, bool) or pid == "":
+        raise UserError(f"{where}: 'id' must be a non-empty string or an integer")
+    meta = {k: v for k, v in obj.items() if k not in ("prompt", "id")}
+    _check_metadata(meta, where)
+    return Prompt(text=text, id=str(pid), metadata=meta)
+
+
+def load_prompts_file(path: str | Path) -> list[Prompt]:
+    """Prompts from ``path``: JSONL when it ends in ``.jsonl`` (or ``.json``), else one prompt per
+    line (empty lines are skipped)."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"prompts file not found: {p}") from None
+    except IsADirectoryError:
+        raise UserError(f"prompts file {p} is a folder") from None
+    except UnicodeDecodeError:
+        raise UserError(f"prompts file {p} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"cannot read prompts file {p}: {exc.strerror}") from None
+    prompts: list[Prompt] = []
+    if p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{p.name} line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{where}: expected a JSON object with a 'prompt' field")
+            prompts.append(from_mapping(obj, len(prompts), where))
+    else:
+        for line in text.splitlines():
+            if line:
+                prompts.append(Prompt(text=line, id=f"p{len(prompts)}"))
+    if not prompts:
+        raise UserError(f"prompts file {p} holds no prompts")
+    return prompts
+
+
+def normalize(prompts: Iterable[str | Prompt | Mapping[str, Any]] | str | Path) -> list[Prompt]:
+    """Accept a path to a prompts file, or prompts as strings, :class:`Prompt` objects or dicts
+    (``{"prompt": ..., "id": ..., "answer": ...}``); check ids are unique."""
+    if isinstance(prompts, (str, Path)):
+        if isinstance(prompts, str) and not Path(prompts).suffix:
+            raise UserError(
+                "prompts must be a list of strings or a path to a .txt/.jsonl file "
+                f"(got the single string {prompts[:40]!r})"
+            )
+        items: list[Prompt] = load_prompts_file(prompts)
+    else:
+        items = []
+        for i, item in enumerate(prompts):
+            if isinstance(item, Prompt):
+                if not item.text:
+                    raise UserError(f"prompt {item.id!r} is empty")
+                items.append(item)
+            elif isinstance(item, str):
+                if not item:
+                    raise UserError(f"prompt {i} is empty")
+                items.append(Prompt(text=item, id=f"p{i}"))
+            elif isinstance(item, Mapping):
+                items.append(from_mapping(item, i, f"prompt {i}"))
+            else:
+                raise UserError(f"prompt {i} must be a string or a dict, not {type(item).__name__}")
+    if not items:
+        raise UserError("no prompts given")
+    seen: dict[str, int] = {}
+    for i, p in enumerate(items):
+        if p.id in seen:
+            raise UserError(f"duplicate prompt id {p.id!r} (prompts {seen[p.id]} and {i})")
+        seen[p.id] = i
+    return items

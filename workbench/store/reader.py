@@ -1,0 +1,331 @@
+"""Reading runs lazily, without the model and without torch.
+
+``open_run(path)`` opens a finished run, a run another process is still writing (it sees the
+prompts committed so far; :meth:`Run.refresh` picks up more) or a run whose writer was killed.
+Every accessor reads only the slice it needs.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from workbench.errors import UserError
+from workbench.store import schema as S
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + S.PARTIAL_SUFFIX)
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + S.LOCK_SUFFIX)
+
+
+def writer_alive(final_path: Path) -> bool:
+    """Whether a capture process holds the run's lock (flock is released when a process dies,
+    even by ``kill -9``)."""
+    lp = lock_path(final_path)
+    try:
+        fd = os.open(lp, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+    finally:
+        os.close(fd)
+    return False
+
+
+def read_ragged(f: h5py.File, name: str, i: int) -> bytes:
+    """Entry ``i`` of a ragged byte field (``prompts/text``, ``prompts/id``, ``prompts/meta``)."""
+    start, end = f[S.offsets_name(name)][i : i + 2]
+    return bytes(f[name][start:end])
+
+
+def _final_name(path: Path) -> Path:
+    return path.with_name(path.name[: -len(S.PARTIAL_SUFFIX)]) if path.name.endswith(S.PARTIAL_SUFFIX) else path
+
+
+class Run:
+    """A captured run. Use :func:`open_run`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.final_path = _final_name(path)
+        self.is_partial = path.name.endswith(S.PARTIAL_SUFFIX)
+        try:
+            # SWMR read mode works for finished files (written with libver="latest"), for files
+            # being written, and for files whose writer was killed (those refuse "r" and "r+").
+            self.f = h5py.File(path, "r", swmr=True)
+        except FileNotFoundError:
+            raise UserError(f"no such run: {path}") from None
+        except PermissionError:
+            raise UserError(f"cannot read {path}: permission denied") from None
+        except OSError as exc:
+            if not h5py.is_hdf5(path):
+                raise UserError(f"{path} is not a workbench run (not an HDF5 file)") from None
+            raise UserError(f"{path} is damaged or unreadable ({str(exc).splitlines()[0]})") from None
+        try:
+            if self.f.attrs.get(S.ATTR_SCHEMA) != S.SCHEMA:
+                raise UserError(f"{path} is an HDF5 file but not a workbench run")
+            version = int(self.f.attrs.get(S.ATTR_VERSION, -1))
+            if version > S.SCHEMA_VERSION:
+                raise UserError(
+                    f"{path} uses run format {version}; this workbench reads up to "
+                    f"{S.SCHEMA_VERSION} (upgrade workbench)"
+                )
+            self._offsets = self.f[S.TOKEN_OFFSETS]
+            self._n = self._committed()
+        except UserError:
+            self.f.close()
+            raise
+        except (KeyError, OSError, ValueError) as exc:
+            self.f.close()
+            raise UserError(f"{path} is a damaged workbench run ({exc})") from None
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    def _committed(self) -> int:
+        return max(0, int(self._offsets.shape[0]) - 1)
+
+    def refresh(self) -> int:
+        """Pick up prompts committed since opening (or the last refresh); returns the count."""
+        self._offsets.refresh()
+        for cached in ("_token_offsets",):
+            self.__dict__.pop(cached, None)
+        self._n = self._committed()
+        return self._n
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> Run:  # noqa: PYI034 - Run is not meant to be subclassed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __repr__(self) -> str:
+        return f"<Run {self.path.name}: {self._n} prompts, {len(self.hooks)} stored hooks, {self.status}>"
+
+    # --- run-level metadata -------------------------------------------------------------------
+
+    def _json(self, name: str) -> Any:
+        return json.loads(self.f[name][()].decode("utf-8"))
+
+    @cached_property
+    def model_info(self) -> dict[str, Any]:
+        """The model's self-description and provenance at capture time."""
+        return self._json(S.META_MODEL)  # type: ignore[no-any-return]
+
+    @cached_property
+    def settings(self) -> dict[str, Any]:
+        """Capture settings: hook patterns, dtype, batch size, BOS policy, tool version, ..."""
+        return self._json(S.META_SETTINGS)  # type: ignore[no-any-return]
+
+    @cached_property
+    def hooks(self) -> dict[str, S.HookSpec]:
+        """Stored tensors by dataset name."""
+        return {d["name"]: S.HookSpec.from_dict(d) for d in self._json(S.META_HOOKS)}
+
+    @cached_property
+    def aliases(self) -> dict[str, str]:
+        """Every hook name the run answers to -> the stored tensor's name."""
+        out = {}
+        for spec in self.hooks.values():
+            out[spec.name] = spec.name
+            for a in spec.aliases:
+                out[a] = spec.name
+        return out
+
+    @property
+    def hook_names(self) -> list[str]:
+        """Every hook name :meth:`activation` accepts (stored names and their aliases)."""
+        return sorted(self.aliases)
+
+    @property
+    def planned_prompts(self) -> int:
+        return int(self.f.attrs.get(S.ATTR_PLANNED, 0))
+
+    @property
+    def n_prompts(self) -> int:
+        return self._n
+
+    @property
+    def status(self) -> str:
+        """``complete``, ``in progress`` (a writer holds the lock) or ``interrupted``."""
+        if not self.is_partial:
+            return "complete"
+        return "in progress" if writer_alive(self.final_path) else "interrupted"
+
+    @property
+    def storage_dtype(self) -> str:
+        return str(self.f.attrs.get("storage_dtype", "float32"))
+
+    @property
+    def has_lm_outputs(self) -> bool:
+        return S.TOKEN_LOSS in self.f
+
+    # --- per-prompt --------------------------------------------------------------------------
+
+    def _check(self, i: int) -> int:
+        if not -self._n <= i < self._n:
+            raise IndexError(f"prompt {i} out of range: the run has {self._n} committed prompts")
+        return i % self._n
+
+    @cached_property
+    def _token_offsets(self) -> np.ndarray:
+        return self._offsets[: self._n + 1]
+
+    def _ragged(self, name: str, i: int) -> bytes:
+        return read_ragged(self.f, name, self._check(i))
+
+    def _token_range(self, i: int) -> tuple[int, int]:
+        i = self._check(i)
+        start, end = self._token_offsets[i : i + 2]
+        return int(start), int(end)
+
+    @property
+    def prompts(self) -> list[str]:
+        """Prompt texts of the committed prompts, in capture order."""
+        return [self.prompt(i) for i in range(self._n)]
+
+    @property
+    def prompt_ids(self) -> list[str]:
+        return [self._ragged(S.PROMPT_ID, i).decode("utf-8") for i in range(self._n)]
+
+    def prompt(self, i: int) -> str:
+        return self._ragged(S.PROMPT_TEXT, i).decode("utf-8")
+
+    def prompt_id(self, i: int) -> str:
+        return self._ragged(S.PROMPT_ID, i).decode("utf-8")
+
+    def metadata(self, i: int) -> dict[str, Any]:
+        """The prompt's metadata (JSONL fields beyond ``prompt`` and ``id``: ``answer``, ``wrong``,
+        ``corrupted``, anything else)."""
+        return json.loads(self._ragged(S.PROMPT_META, i).decode("utf-8"))  # type: ignore[no-any-return]
+
+    def n_tokens(self, i: int) -> int:
+        start, end = self._token_range(i)
+        return end - start
+
+    def tokens(self, i: int) -> np.ndarray:
+        """Token ids, ``(seq,)`` int32, as the model saw them (BOS included if the policy added it)."""
+        start, end = self._token_range(i)
+        return self.f[S.TOKEN_IDS][start:end]
+
+    def str_tokens(self, i: int) -> list[str]:
+        """Each token decoded on its own (TransformerLens' ``to_str_tokens``)."""
+        start, end = self._token_range(i)
+        ends = self.f[S.TOKEN_STR_OFFSETS][start : end + 1]
+        blob = bytes(self.f[S.TOKEN_STR][ends[0] : ends[-1]])
+        base = int(ends[0])
+        return [blob[a - base : b - base].decode("utf-8", errors="surrogatepass")
+                for a, b in itertools.pairwise(ends)]
+
+    def _lm(self, name: str, i: int) -> np.ndarray:
+        if not self.has_lm_outputs:
+            raise UserError("this run has no loss or predictions: its model has no trained LM head")
+        start, end = self._token_range(i)
+        return self.f[name][start:end]
+
+    def loss(self, i: int) -> np.ndarray:
+        """Per-token loss ``(seq,)``: ``-log p(token[t+1] | tokens[:t+1])``; the last entry is NaN."""
+        return self._lm(S.TOKEN_LOSS, i)
+
+    def top_k(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k next-token predictions at every position: ids ``(seq, k)``, log-probs ``(seq, k)``."""
+        return self._lm(S.TOKEN_TOPK_IDS, i), self._lm(S.TOKEN_TOPK_LOGPROBS, i)
+
+    def resolve(self, hook: str) -> S.HookSpec:
+        name = self.aliases.get(hook)
+        if name is None:
+            import difflib
+
+            close = difflib.get_close_matches(hook, self.hook_names, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UserError(f"hook {hook!r} was not captured in this run{hint}")
+        return self.hooks[name]
+
+    def axes(self, hook: str) -> tuple[str, ...]:
+        """Names of the axes of :meth:`activation`'s result for ``hook``."""
+        return self.resolve(hook).axes
+
+    def activation(self, hook: str, i: int) -> np.ndarray:
+        """The stored activation of ``hook`` for prompt ``i``, shaped like TransformerLens' cache
+        entry without the batch dimension: ``(seq, d_model)``, ``(seq, heads, d_head)``,
+        ``(heads, q, k)``, ... float32 for bfloat16 runs; float16 runs stay float16."""
+        spec = self.resolve(hook)
+        ds = self.f[f"{S.ACTS}/{spec.name}"]
+        if spec.layout == "square":
+            i = self._check(i)
+            start, end = self.f[f"{S.ACTS_OFFSETS}/{spec.name}"][i : i + 2]
+            n = self.n_tokens(i)
+            values = ds[start:end].reshape(spec.feature_shape[0], n, n)
+        else:
+            start, end = self._token_range(i)
+            values = ds[start:end]
+        return S.decode_values(values, ds.attrs.get("encoding") or None)
+
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    @property
+    def n_tokens_total(self) -> int:
+        return int(self._token_offsets[-1]) if self._n else 0
+
+    def summary(self, n_prompts: int = 5) -> dict[str, Any]:
+        """A JSON-ready overview (what ``workbench inspect --json`` prints)."""
+        info = self.model_info
+        first = [
+            {"index": i, "id": self.prompt_id(i), "n_tokens": self.n_tokens(i),
+             "text": self.prompt(i), "metadata": self.metadata(i)}
+            for i in range(min(n_prompts, self._n))
+        ]
+        return {
+            "path": str(self.path),
+            "status": self.status,
+            "bytes": self.size_bytes(),
+            "prompts": self._n,
+            "planned_prompts": self.planned_prompts,
+            "tokens": self.n_tokens_total,
+            "model": {k: info.get(k) for k in ("name", "family", "architecture", "n_layers",
+                                               "n_heads", "n_kv_heads", "d_model", "d_vocab")},
+            "provenance": info.get("provenance"),
+            "bos": info.get("bos"),
+            "storage_dtype": self.storage_dtype,
+            "settings": {k: self.settings.get(k) for k in (
+                "hooks_requested", "batch_size", "compression", "top_k", "truncate", "gates",
+                "resumed", "versions")},
+            "stored_hooks": [h.to_dict() for h in self.hooks.values()],
+            "has_lm_outputs": self.has_lm_outputs,
+            "first_prompts": first,
+        }
+
+
+def open_run(path: str | os.PathLike[str]) -> Run:
+    """Open a run for reading. ``path`` may name the finished file (``run.h5``) or its partial file
+    (``run.h5.partial``); if only the partial exists, that is opened."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        partial = partial_path(p)
+        if partial.exists():
+            p = partial
+    if p.is_dir():
+        raise UserError(f"{p} is a folder, not a run file")
+    return Run(p)

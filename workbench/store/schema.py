@@ -1,0 +1,122 @@
+"""The run file's layout: names, versions and value encodings shared by the writer and the reader.
+
+Nothing here imports torch. See ``docs/store.md`` for the format as users and other tools see it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+SCHEMA = "workbench-run"
+SCHEMA_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+LOCK_SUFFIX = ".lock"
+
+# Root attributes.
+ATTR_SCHEMA = "schema"
+ATTR_VERSION = "schema_version"
+ATTR_TOOL = "workbench_version"
+ATTR_CREATED = "created"
+ATTR_PLANNED = "planned_prompts"
+
+# JSON documents, stored as fixed-length UTF-8 string datasets under /meta (attributes must stay
+# under 64 KiB; the alias map of a real model does not).
+META_MODEL = "meta/model"
+META_SETTINGS = "meta/settings"
+META_HOOKS = "meta/hooks"
+
+# Per-prompt and per-token datasets. Every ragged field is (data, offsets) with offsets[0] = 0.
+TOKEN_OFFSETS = "prompts/token_offsets"  # (n + 1,) -- the commit marker readers trust
+PROMPT_TEXT = "prompts/text"
+PROMPT_ID = "prompts/id"
+PROMPT_META = "prompts/meta"
+TOKEN_IDS = "tokens/ids"
+TOKEN_STR = "tokens/str"
+TOKEN_LOSS = "tokens/loss"
+TOKEN_TOPK_IDS = "tokens/topk_ids"
+TOKEN_TOPK_LOGPROBS = "tokens/topk_logprobs"
+ACTS = "acts"
+ACTS_OFFSETS = "acts_offsets"
+
+
+def offsets_name(data_name: str) -> str:
+    """The offsets dataset of a ragged byte field (``prompts/text`` -> ``prompts/text_offsets``)."""
+    return f"{data_name}_offsets"
+
+
+RAGGED_BYTES = (PROMPT_TEXT, PROMPT_ID, PROMPT_META)  # one entry per prompt
+TOKEN_STR_OFFSETS = offsets_name(TOKEN_STR)  # one entry per token
+
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+# Relative tolerance of a stored value against the model's float32 value (round to nearest).
+DTYPE_TOLERANCE = {"float32": 0.0, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+FLOAT16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """One stored tensor. ``name`` is the dataset under ``/acts``; ``aliases`` are the other hook
+    names that give the same tensor."""
+
+    name: str
+    layout: str
+    """``token``: per-token rows ``(tokens, *feature_shape)``; ``square``: one flat block per prompt
+    of shape ``(feature_shape[0], q, k)`` (attention patterns and scores)."""
+    feature_shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    """Names of the per-prompt array's axes, e.g. ``("pos", "d_model")`` or
+    ``("head", "query_pos", "key_pos")``."""
+    kind: str = "float"
+    """``float`` (stored in the run's dtype) or ``int`` (stored as int64)."""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["feature_shape"] = list(self.feature_shape)
+        d["axes"] = list(self.axes)
+        d["aliases"] = list(self.aliases)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HookSpec:
+        return cls(
+            name=str(d["name"]),
+            layout=str(d["layout"]),
+            feature_shape=tuple(int(x) for x in d["feature_shape"]),
+            axes=tuple(str(x) for x in d["axes"]),
+            kind=str(d.get("kind", "float")),
+            aliases=tuple(str(x) for x in d.get("aliases", ())),
+        )
+
+    def row_elements(self) -> int:
+        return int(np.prod(self.feature_shape)) if self.feature_shape else 1
+
+    def bytes_for(self, n_tokens: int, itemsize: int) -> int:
+        """Stored bytes for one prompt of ``n_tokens`` tokens."""
+        if self.layout == "square":
+            return self.feature_shape[0] * n_tokens * n_tokens * itemsize
+        return n_tokens * self.row_elements() * itemsize
+
+
+def storage_numpy_dtype(storage: str, kind: str = "float") -> np.dtype:
+    if kind == "int":
+        return np.dtype(np.int64)
+    if storage == "bfloat16":
+        return np.dtype(np.uint16)  # raw bfloat16 bits; HDF5 has no bfloat16 type
+    return np.dtype(storage)
+
+
+def decode_values(array: np.ndarray, encoding: str | None) -> np.ndarray:
+    """Stored values as numbers: raw bfloat16 bits become float32 (exactly: every bfloat16 is a
+    float32 with the low 16 bits zero)."""
+    if encoding == "bfloat16":
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, allow_nan=True)
