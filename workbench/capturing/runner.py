@@ -501,7 +501,7 @@ def _execute(plan: CapturePlan, final: Path, settings: dict[str, Any], *, resume
                 target.unlink(missing_ok=True)
                 raise
             old.close()
-            os.replace(target, partial)  # the copy holds everything the killed file committed
+            writer.move_to(partial)  # the copy holds everything the killed file committed
             fsync_dir(partial.parent)
             print(f"workbench: resuming after {start_at} committed prompts", file=sys.stderr)
         with gates_enabled(plan.model, plan.hooks.gates):
@@ -543,8 +543,8 @@ def _check_resumable(old: Any, plan: CapturePlan, settings: dict[str, Any], part
         raise UserError(f"cannot resume {partial}: it already holds {n_done} prompts, more than "
                         f"the {len(plan.prompts)} given")
     for i in range(n_done):
-        old_id = read_ragged(old, S.PROMPT_ID, i).decode("utf-8")
-        old_text = read_ragged(old, S.PROMPT_TEXT, i).decode("utf-8")
+        old_id = read_ragged(old.__getitem__, S.PROMPT_ID, i).decode("utf-8")
+        old_text = read_ragged(old.__getitem__, S.PROMPT_TEXT, i).decode("utf-8")
         if old_id != plan.prompts[i].id or old_text != plan.prompts[i].text:
             raise UserError(f"cannot resume {partial}: prompt {i} ({plan.prompts[i].id!r}) is not the "
                             "one already captured; resume needs the same prompts in the same order")

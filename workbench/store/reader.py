@@ -12,6 +12,8 @@ import fcntl
 import itertools
 import json
 import os
+import time
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -48,14 +50,32 @@ def writer_alive(final_path: Path) -> bool:
     return False
 
 
-def read_ragged(f: h5py.File, name: str, i: int) -> bytes:
-    """Entry ``i`` of a ragged byte field (``prompts/text``, ``prompts/id``, ``prompts/meta``)."""
-    start, end = f[S.offsets_name(name)][i : i + 2]
-    return bytes(f[name][start:end])
+def read_ragged(get: Callable[[str], h5py.Dataset], name: str, i: int) -> bytes:
+    """Entry ``i`` of a ragged byte field (``prompts/text``, ``prompts/id``, ``prompts/meta``);
+    ``get`` returns a dataset by name (``h5py.File.__getitem__``, or a run's refreshed handles)."""
+    start, end = get(S.offsets_name(name))[i : i + 2]
+    return bytes(get(name)[start:end])
 
 
 def _final_name(path: Path) -> Path:
     return path.with_name(path.name[: -len(S.PARTIAL_SUFFIX)]) if path.name.endswith(S.PARTIAL_SUFFIX) else path
+
+
+def _open_swmr(path: Path, wait: float = 5.0) -> h5py.File:
+    """Open read-only in SWMR mode: that works for finished files (written with
+    ``libver="latest"``), for files being written, and for files whose writer was killed (those
+    refuse plain "r"). A writer holds an exclusive lock for the few milliseconds between creating
+    the file and switching to SWMR mode; wait that out."""
+    deadline = time.monotonic() + wait
+    delay = 0.005
+    while True:
+        try:
+            return h5py.File(path, "r", swmr=True)
+        except OSError as exc:
+            if "unable to lock file" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(0.2, delay * 2)
 
 
 class Run:
@@ -66,9 +86,7 @@ class Run:
         self.final_path = _final_name(path)
         self.is_partial = path.name.endswith(S.PARTIAL_SUFFIX)
         try:
-            # SWMR read mode works for finished files (written with libver="latest"), for files
-            # being written, and for files whose writer was killed (those refuse "r" and "r+").
-            self.f = h5py.File(path, "r", swmr=True)
+            self.f = _open_swmr(path)
         except FileNotFoundError:
             raise UserError(f"no such run: {path}") from None
         except PermissionError:
@@ -86,7 +104,9 @@ class Run:
                     f"{path} uses run format {version}; this workbench reads up to "
                     f"{S.SCHEMA_VERSION} (upgrade workbench)"
                 )
-            self._offsets = self.f[S.TOKEN_OFFSETS]
+            self._datasets: dict[str, h5py.Dataset] = {}
+            self._stale: set[str] = set()
+            self._offsets = self._ds(S.TOKEN_OFFSETS)
             self._n = self._committed()
         except UserError:
             self.f.close()
@@ -100,11 +120,22 @@ class Run:
     def _committed(self) -> int:
         return max(0, int(self._offsets.shape[0]) - 1)
 
+    def _ds(self, name: str) -> h5py.Dataset:
+        """A dataset handle, refreshed (SWMR) if :meth:`refresh` was called since its last use."""
+        ds = self._datasets.get(name)
+        if ds is None:
+            ds = self._datasets[name] = self.f[name]
+        elif name in self._stale:
+            ds.refresh()
+            self._stale.discard(name)
+        return ds
+
     def refresh(self) -> int:
-        """Pick up prompts committed since opening (or the last refresh); returns the count."""
+        """Pick up prompts committed since opening (or the last refresh); returns the count.
+        Datasets are refreshed lazily, each the first time it is read afterwards."""
         self._offsets.refresh()
-        for cached in ("_token_offsets",):
-            self.__dict__.pop(cached, None)
+        self._stale = set(self._datasets) - {S.TOKEN_OFFSETS}
+        self.__dict__.pop("_token_offsets", None)
         self._n = self._committed()
         return self._n
 
@@ -193,7 +224,7 @@ class Run:
         return self._offsets[: self._n + 1]
 
     def _ragged(self, name: str, i: int) -> bytes:
-        return read_ragged(self.f, name, self._check(i))
+        return read_ragged(self._ds, name, self._check(i))
 
     def _token_range(self, i: int) -> tuple[int, int]:
         i = self._check(i)
@@ -227,13 +258,13 @@ class Run:
     def tokens(self, i: int) -> np.ndarray:
         """Token ids, ``(seq,)`` int32, as the model saw them (BOS included if the policy added it)."""
         start, end = self._token_range(i)
-        return self.f[S.TOKEN_IDS][start:end]
+        return self._ds(S.TOKEN_IDS)[start:end]
 
     def str_tokens(self, i: int) -> list[str]:
         """Each token decoded on its own (TransformerLens' ``to_str_tokens``)."""
         start, end = self._token_range(i)
-        ends = self.f[S.TOKEN_STR_OFFSETS][start : end + 1]
-        blob = bytes(self.f[S.TOKEN_STR][ends[0] : ends[-1]])
+        ends = self._ds(S.TOKEN_STR_OFFSETS)[start : end + 1]
+        blob = bytes(self._ds(S.TOKEN_STR)[ends[0] : ends[-1]])
         base = int(ends[0])
         return [blob[a - base : b - base].decode("utf-8", errors="surrogatepass")
                 for a, b in itertools.pairwise(ends)]
@@ -242,7 +273,7 @@ class Run:
         if not self.has_lm_outputs:
             raise UserError("this run has no loss or predictions: its model has no trained LM head")
         start, end = self._token_range(i)
-        return self.f[name][start:end]
+        return self._ds(name)[start:end]
 
     def loss(self, i: int) -> np.ndarray:
         """Per-token loss ``(seq,)``: ``-log p(token[t+1] | tokens[:t+1])``; the last entry is NaN."""
@@ -271,10 +302,10 @@ class Run:
         entry without the batch dimension: ``(seq, d_model)``, ``(seq, heads, d_head)``,
         ``(heads, q, k)``, ... float32 for bfloat16 runs; float16 runs stay float16."""
         spec = self.resolve(hook)
-        ds = self.f[f"{S.ACTS}/{spec.name}"]
+        ds = self._ds(f"{S.ACTS}/{spec.name}")
         if spec.layout == "square":
             i = self._check(i)
-            start, end = self.f[f"{S.ACTS_OFFSETS}/{spec.name}"][i : i + 2]
+            start, end = self._ds(f"{S.ACTS_OFFSETS}/{spec.name}")[i : i + 2]
             n = self.n_tokens(i)
             values = ds[start:end].reshape(spec.feature_shape[0], n, n)
         else:

@@ -321,6 +321,11 @@ class RunWriter:
         self.n_tokens = n_tokens
         self.n_prompts = n_prompts
 
+    def move_to(self, path: Path) -> None:
+        """Rename the (open) file atomically, e.g. a resumed copy over the killed original."""
+        os.replace(self.path, path)
+        self.path = path
+
     # --- closing -----------------------------------------------------------------------------
 
     def close(self) -> None:

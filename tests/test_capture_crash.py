@@ -1,0 +1,195 @@
+"""Nothing lost: a real capture process is killed with SIGKILL at random moments and resumed,
+and a reader follows a capture while it is being written."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import workbench
+from tests.test_capture import random_prompts
+from workbench.errors import UserError
+from workbench.store.reader import writer_alive
+
+HOOKS = ["residual", "attention", "mlp"]
+BATCH = 4
+
+
+def _write_prompts(path: Path, n: int, seed: int) -> list[str]:
+    prompts = random_prompts(n, seed=seed, lo=2, hi=120)
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"id": f"q{i}", "prompt": p, "answer": " a"}) + "\n"
+                     for i, p in enumerate(prompts))
+    return prompts
+
+
+def _capture_cmd(prompts_file: Path, out: Path, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "workbench.cli", "capture", "-m", "tiny-llama", "--prompts",
+           str(prompts_file), "-o", str(out), "--batch-size", str(BATCH)]
+    for h in HOOKS:
+        cmd += ["--hooks", h]
+    return [*cmd, *extra]
+
+
+def _capture_process(prompts_file: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(_capture_cmd(prompts_file, out, *extra), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> bool:
+    """Wait until ``proc`` is writing the run ``path`` names (it holds the run's lock and the
+    partial file exists); False if it finished first."""
+    final = path.with_name(path.name.removesuffix(".partial"))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and writer_alive(final):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    raise TimeoutError(path)
+
+
+def assert_prompts_equal(run, ref, indices) -> None:
+    for i in indices:
+        assert run.prompt_id(i) == ref.prompt_id(i) and run.prompt(i) == ref.prompt(i)
+        assert run.metadata(i) == ref.metadata(i)
+        np.testing.assert_array_equal(run.tokens(i), ref.tokens(i))
+        assert run.str_tokens(i) == ref.str_tokens(i)
+        np.testing.assert_array_equal(run.loss(i), ref.loss(i))
+        for a, b in zip(run.top_k(i), ref.top_k(i)):
+            np.testing.assert_array_equal(a, b)
+        for name in ref.hooks:
+            np.testing.assert_array_equal(run.activation(name, i), ref.activation(name, i),
+                                          err_msg=f"{name}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_models):
+    folder = tmp_path_factory.mktemp("crash")
+    prompts_file = folder / "prompts.jsonl"
+    _write_prompts(prompts_file, 240, seed=11)
+    out = folder / "reference.h5"
+    workbench.capture(tiny_models["tiny-llama"], prompts_file, hooks=HOOKS, out=out,
+                      batch_size=BATCH, progress=False)
+    return prompts_file, workbench.open_run(out)
+
+
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
+    prompts_file, ref = reference
+    out = tmp_path / "run.h5"
+    partial = tmp_path / "run.h5.partial"
+    rng = random.Random(1234)
+    kills, committed_seen = 0, []
+    proc = _capture_process(prompts_file, out)
+    for attempt in range(6):
+        if attempt:
+            proc = _capture_process(prompts_file, out, "--resume")
+        if not _wait_for(partial, proc):
+            break  # finished before we could kill it
+        time.sleep(rng.uniform(0.0, 0.8))
+        if proc.poll() is not None:
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        assert not out.exists()
+        # Every prompt committed before the kill is readable, with exact values.
+        with workbench.open_run(out) as run:  # finds run.h5.partial
+            assert run.status == "interrupted"
+            n = len(run)
+            assert n % BATCH == 0  # whole batches are committed
+            assert_prompts_equal(run, ref, range(n))
+            committed_seen.append(n)
+    else:
+        proc = _capture_process(prompts_file, out, "--resume")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    assert kills >= 3, f"only {kills} kills landed mid-capture"
+    assert not partial.exists() and not (tmp_path / "run.h5.lock").exists()
+    with workbench.open_run(out) as run:
+        assert run.status == "complete"
+        assert len(run) == len(ref)
+        assert run.prompt_ids == ref.prompt_ids  # no duplicates, no reordering
+        assert_prompts_equal(run, ref, range(len(ref)))
+        resumed = [r["at_prompt"] for r in run.settings["resumed"]]
+        assert resumed == sorted(resumed) and len(resumed) >= kills - 1
+    assert committed_seen == sorted(committed_seen)
+
+
+def test_resume_refuses_different_settings_or_prompts(tmp_path, reference, tiny_models):
+    prompts_file, ref = reference
+    out = tmp_path / "run.h5"
+    proc = _capture_process(prompts_file, out)
+    assert _wait_for(tmp_path / "run.h5.partial", proc)
+    while len(workbench.open_run(out)) < BATCH and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    llama = tiny_models["tiny-llama"]
+    with pytest.raises(UserError, match="setting 'batch_size' differs"):
+        workbench.capture(llama, prompts_file, hooks=HOOKS, out=out, batch_size=BATCH + 1,
+                          resume=True, progress=False)
+    with pytest.raises(UserError, match="setting 'hooks' differs"):
+        workbench.capture(llama, prompts_file, hooks=["residual"], out=out, batch_size=BATCH,
+                          resume=True, progress=False)
+    shuffled = tmp_path / "other.jsonl"
+    lines = prompts_file.read_text().splitlines()
+    shuffled.write_text("\n".join([lines[1], lines[0], *lines[2:]]))
+    with pytest.raises(UserError, match="prompt 0 .* is not the one already captured"):
+        workbench.capture(llama, shuffled, hooks=HOOKS, out=out, batch_size=BATCH, resume=True,
+                          progress=False)
+    # the interrupted run is still intact and resumable
+    result = workbench.capture(llama, prompts_file, hooks=HOOKS, out=out, batch_size=BATCH,
+                               resume=True, progress=False)
+    assert result.resumed_from >= BATCH
+    assert_prompts_equal(workbench.open_run(out), ref, range(len(ref)))
+
+
+def test_a_reader_follows_a_capture_in_progress(tmp_path):
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts = _write_prompts(prompts_file, 600, seed=5)
+    out = tmp_path / "live.h5"
+    proc = _capture_process(prompts_file, out)
+    assert _wait_for(tmp_path / "live.h5.partial", proc)
+    run = workbench.open_run(tmp_path / "live.h5.partial")
+    counts, statuses = [], set()
+    while proc.poll() is None:
+        counts.append(run.refresh())
+        statuses.add(run.status)
+        if counts[-1]:
+            i = counts[-1] - 1  # the newest committed prompt is complete and readable
+            assert run.prompt(i) == prompts[i]
+            assert run.activation("blocks.1.hook_resid_post", i).shape == (run.n_tokens(i), 64)
+        time.sleep(0.05)
+    assert proc.returncode == 0
+    run.close()
+    assert counts == sorted(counts)
+    middle = {c for c in counts if 0 < c < len(prompts)}
+    assert len(middle) >= 3, f"saw only {sorted(set(counts))}"
+    assert "in progress" in statuses
+    with workbench.open_run(out) as final:
+        assert final.status == "complete" and len(final) == len(prompts)
+
+
+def test_two_writers_never_share_a_run(tmp_path, reference):
+    prompts_file, _ = reference
+    out = tmp_path / "run.h5"
+    first = _capture_process(prompts_file, out)
+    assert _wait_for(tmp_path / "run.h5.partial", first)
+    second = subprocess.run(_capture_cmd(prompts_file, out, "--resume"), capture_output=True,
+                            text=True, check=False)
+    finished_first = first.poll() is not None
+    first.wait(timeout=300)
+    if not finished_first:
+        assert second.returncode == 2
+        assert "another capture is writing" in second.stderr
+    assert first.returncode == 0
