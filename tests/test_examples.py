@@ -30,3 +30,16 @@ def test_quickstart_on_default_model():
     assert "smollm2-135m: decoder LlamaForCausalLM, 30 layers, 9 query / 3 KV heads" in out
     assert "bos=tokenizer tokens=['The', ' capital', ' of', ' France', ' is'] -> ' Paris'" in out
     assert "bos=prepend   tokens=['<|im_start|>', 'The'" in out
+
+
+def test_capture_dataset_example_on_tiny_model(tmp_path):
+    out = _run("capture_dataset.py", "tiny-gpt2", str(tmp_path))
+    assert "3 prompts" in out and "status complete" in out
+    assert "[france]" in out and "'answer': ' Paris'" in out and "'topic': 'food'" in out
+    assert (tmp_path / "dataset.h5").exists()
+
+
+@pytest.mark.integration
+def test_capture_dataset_example_on_default_model(tmp_path):
+    out = _run("capture_dataset.py", "smollm2-135m", str(tmp_path))
+    assert "[france]" in out and "top next-token id 7042" in out  # " Paris"

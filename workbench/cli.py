@@ -8,6 +8,7 @@ User mistakes print one line (``workbench: error: ...``) and exit with status 2.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from typing import Any, NoReturn
@@ -19,9 +20,11 @@ from workbench.errors import UserError
 
 BOS_CHOICE = click.Choice(["tokenizer", "prepend", "none"])
 SAMPLE_PROMPTS = (
-    "The capital of France is",
-    "When Mary and John went to the store, John gave a drink to",
-    "The opposite of hot is",
+    {"id": "france", "prompt": "The capital of France is", "answer": " Paris", "wrong": " London"},
+    {"id": "ioi", "prompt": "When Mary and John went to the store, John gave a drink to",
+     "answer": " Mary", "wrong": " John"},
+    {"id": "opposite", "prompt": "The opposite of hot is", "answer": " cold", "wrong": " warm"},
+    {"id": "emoji", "prompt": "I love pizza 🍕 and", "answer": " pasta"},
 )
 
 
@@ -237,10 +240,13 @@ def _print_prediction(console: Any, pred: Any, show_ids: bool) -> None:
     table.add_column("token")
     table.add_column("id", justify="right")
     table.add_column("probability", justify="right")
-    table.add_column("logit", justify="right")
+    with_logits = not all(math.isnan(t.logit) for t in pred.top)  # runs store log-probs only
+    if with_logits:
+        table.add_column("logit", justify="right")
     for rank, t in enumerate(pred.top, 1):
         bar = "\u2588" * max(1, round(t.prob * 20)) if t.prob >= 0.025 else ""
-        table.add_row(str(rank), repr(t.token), str(t.id), f"{t.prob:7.2%} {bar}", f"{t.logit:.2f}")
+        cells = [str(rank), repr(t.token), str(t.id), f"{t.prob:7.2%} {bar}"]
+        table.add_row(*cells, *([f"{t.logit:.2f}"] if with_logits else []))
     console.print(table)
 
 
@@ -270,8 +276,19 @@ def predict_cmd(prompts: tuple[str, ...], model_name: str, device: str, bos: str
 
 @cli.command("demo")
 @model_option
-def demo_cmd(model_name: str, device: str, bos: str | None) -> None:
-    """The main job: load the default model and show real predictions on sample prompts."""
+@click.option("-o", "--out", default="runs/demo.h5", show_default=True, type=click.Path(dir_okay=False),
+              help="Run file the demo writes (replaced on every run).")
+def demo_cmd(model_name: str, device: str, bos: str | None, out: str) -> None:
+    """The main job: capture sample prompts with the default model into a run, then read the
+    predictions back from the run (without the model) and summarise it."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from workbench.capturing import capture
+    from workbench.models.model import Prediction, TopToken
+    from workbench.store import open_run
+
     model = _load(model_name, device, bos)
     console = _console()
     i = model.info
@@ -280,8 +297,27 @@ def demo_cmd(model_name: str, device: str, bos: str | None) -> None:
         f"{i.n_heads} query / {i.n_kv_heads} KV heads, d_model {i.d_model}, vocab {i.d_vocab:,}; "
         f"weights {i.provenance.quantization or i.dtype}; BOS policy '{i.bos.policy}'"
     )
-    for prompt in SAMPLE_PROMPTS:
-        _print_prediction(console, model.predict(prompt, k=5), show_ids=True)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    capture(model, list(SAMPLE_PROMPTS), hooks=["residual", "attention"], out=path, batch_size=4,
+            overwrite=True)
+    with open_run(path) as run:  # from here on, only the stored run is read
+        for k in range(len(run)):
+            ids = run.tokens(k).tolist()
+            top_ids, top_lp = run.top_k(k)
+            top = [TopToken(int(t), model.tokenizer.decode([int(t)]), float(np.exp(lp)), float("nan"))
+                   for t, lp in zip(top_ids[-1, :5], top_lp[-1, :5])]
+            pred = Prediction(prompt=run.prompt(k), token_ids=ids, str_tokens=run.str_tokens(k),
+                              position=len(ids) - 1, top=top, bos_policy=run.settings["bos"])
+            _print_prediction(console, pred, show_ids=True)
+            answer = run.metadata(k).get("answer")
+            if answer is not None:
+                rank = [t.token for t in top].index(answer) + 1 if answer in [t.token for t in top] else None
+                console.print(f"expected {answer!r}: " + (f"rank {rank}" if rank else "not in the top 5"))
+        console.print(f"\n[bold]run[/] {path}: {len(run)} prompts, {run.n_tokens_total} tokens, "
+                      f"{len(run.hooks)} stored tensors ({len(run.hook_names)} hook names), "
+                      f"{run.size_bytes() / 1e6:.1f} MB. Explore it with "
+                      f"'workbench inspect {path}' or workbench.open_run('{path}').")
 
 
 # --- capture / inspect -----------------------------------------------------------------------------
@@ -340,12 +376,7 @@ def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tup
         if not t:
             raise UserError(f"prompt {i + 1} (--prompt) is empty")
     if prompts_file:
-        loaded = load_prompts_file(prompts_file)
-        if prompts:  # keep ids unique across both sources
-            loaded = [p if p.metadata or not p.id.startswith("p") else
-                      Prompt(text=p.text, id=f"p{len(prompts) + k}", metadata=p.metadata)
-                      for k, p in enumerate(loaded)]
-        prompts += loaded
+        prompts += load_prompts_file(prompts_file, first_index=len(prompts))
     if not prompts:
         raise UserError("no prompts: give --prompt TEXT or --prompts FILE")
     if not out and not dry_run:

@@ -52,9 +52,10 @@ def from_mapping(obj: Mapping[str, Any], index: int, where: str) -> Prompt:
     return Prompt(text=text, id=str(pid), metadata=meta)
 
 
-def load_prompts_file(path: str | Path) -> list[Prompt]:
+def load_prompts_file(path: str | Path, first_index: int = 0) -> list[Prompt]:
     """Prompts from ``path``: JSONL when it ends in ``.jsonl`` (or ``.json``), else one prompt per
-    line (empty lines are skipped)."""
+    line (empty lines are skipped). Prompts without an id get ``p<index>``, counting from
+    ``first_index`` (for prompts that follow others)."""
     p = Path(path).expanduser()
     try:
         text = p.read_text(encoding="utf-8")
@@ -78,11 +79,11 @@ def load_prompts_file(path: str | Path) -> list[Prompt]:
                 raise UserError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{where}: expected a JSON object with a 'prompt' field")
-            prompts.append(from_mapping(obj, len(prompts), where))
+            prompts.append(from_mapping(obj, first_index + len(prompts), where))
     else:
         for line in text.splitlines():
             if line:
-                prompts.append(Prompt(text=line, id=f"p{len(prompts)}"))
+                prompts.append(Prompt(text=line, id=f"p{first_index + len(prompts)}"))
     if not prompts:
         raise UserError(f"prompts file {p} holds no prompts")
     return prompts

@@ -61,16 +61,17 @@ def _final_name(path: Path) -> Path:
     return path.with_name(path.name[: -len(S.PARTIAL_SUFFIX)]) if path.name.endswith(S.PARTIAL_SUFFIX) else path
 
 
-def _open_swmr(path: Path, wait: float = 5.0) -> h5py.File:
-    """Open read-only in SWMR mode: that works for finished files (written with
-    ``libver="latest"``), for files being written, and for files whose writer was killed (those
-    refuse plain "r"). A writer holds an exclusive lock for the few milliseconds between creating
-    the file and switching to SWMR mode; wait that out."""
+def _open(path: Path, swmr: bool, wait: float = 5.0) -> h5py.File:
+    """Open read-only. A partial run (being written, or whose writer was killed) needs SWMR mode:
+    plain "r" refuses a file still marked open for writing. A finished run opens in plain mode,
+    which also checks the file is not truncated (SWMR mode skips that check, as SWMR files grow).
+    A writer holds an exclusive lock for the few milliseconds between creating the file and
+    switching to SWMR mode; wait that out."""
     deadline = time.monotonic() + wait
     delay = 0.005
     while True:
         try:
-            return h5py.File(path, "r", swmr=True)
+            return h5py.File(path, "r", swmr=swmr)
         except OSError as exc:
             if "unable to lock file" not in str(exc) or time.monotonic() > deadline:
                 raise
@@ -86,7 +87,7 @@ class Run:
         self.final_path = _final_name(path)
         self.is_partial = path.name.endswith(S.PARTIAL_SUFFIX)
         try:
-            self.f = _open_swmr(path)
+            self.f = _open(path, swmr=self.is_partial)
         except FileNotFoundError:
             raise UserError(f"no such run: {path}") from None
         except PermissionError:
@@ -108,10 +109,14 @@ class Run:
             self._stale: set[str] = set()
             self._offsets = self._ds(S.TOKEN_OFFSETS)
             self._n = self._committed()
+            # Small, and read by nearly everything: parsing them now turns damage into a clear
+            # error at open time rather than a confusing one later.
+            for doc in ("model_info", "settings", "hooks"):
+                getattr(self, doc)
         except UserError:
             self.f.close()
             raise
-        except (KeyError, OSError, ValueError) as exc:
+        except (KeyError, OSError, ValueError, TypeError) as exc:
             self.f.close()
             raise UserError(f"{path} is a damaged workbench run ({exc})") from None
 
