@@ -94,7 +94,7 @@ def test_dry_run_prints_hooks_and_estimate(tmp_path):
     result = capture(tmp_path, "-p", "hello", "--hooks", "residual", "--hooks", "attention", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "estimated size:" in result.output
-    assert "blocks.0.hook_resid_post" in result.output and "(heads, q, k)" in result.output
+    assert "blocks.0.hook_resid_post" in result.output and "(heads, query_pos, key_pos)" in result.output
     assert "= blocks.0.hook_out" in result.output  # aliases shown
     assert list(tmp_path.iterdir()) == []
 

@@ -314,7 +314,7 @@ def demo_cmd(model_name: str, device: str, bos: str | None, out: str) -> None:
             if answer is not None:
                 rank = [t.token for t in top].index(answer) + 1 if answer in [t.token for t in top] else None
                 console.print(f"expected {answer!r}: " + (f"rank {rank}" if rank else "not in the top 5"))
-        console.print(f"\n[bold]run[/] {path}: {len(run)} prompts, {run.n_tokens_total} tokens, "
+        console.print(f"\n[bold]run[/] {path}: {len(run)} prompts, {run.n_tokens_total()} tokens, "
                       f"{len(run.hooks)} stored tensors ({len(run.hook_names)} hook names), "
                       f"{run.size_bytes() / 1e6:.1f} MB. Explore it with "
                       f"'workbench inspect {path}' or workbench.open_run('{path}').")
@@ -346,8 +346,19 @@ PRESET_HELP = (
               help="Storage dtype (float32 is exact; bfloat16 is kept bit-exact as raw bits).")
 @click.option("--compression", type=click.Choice(["none", "gzip", "lzf"]), default="none",
               show_default=True, help="HDF5 compression of activations (dense floats barely compress).")
-@click.option("--top-k", default=10, show_default=True, type=click.IntRange(1, 1000),
-              help="Next-token predictions stored per position.")
+@click.option("--predictions", default=10, show_default=True, type=click.IntRange(1, 1000),
+              metavar="K", help="Top-K next-token predictions (ids and log-probs) stored per position.")
+@click.option("--generate", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
+              help="Sample N tokens after each prompt (decoders), then capture the whole sequence "
+                   "and each step's sampling distribution (entropy, chosen token's probability).")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Sampling temperature for --generate (0: greedy).")
+@click.option("--top-k", "sample_top_k", default=None, type=click.IntRange(min=1),
+              help="Sample only among the K most likely tokens (--generate).")
+@click.option("--top-p", "sample_top_p", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="Sample only among the most likely tokens holding P of the mass (--generate).")
+@click.option("--seed", default=None, type=int,
+              help="Random seed for --generate (recorded in the run; drawn at random if omitted).")
 @click.option("--truncate", is_flag=True, help="Cut prompts longer than the model's context (warns).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run once the new one is complete.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted capture (same prompts and settings).")
@@ -355,12 +366,15 @@ PRESET_HELP = (
 @click.option("--list-presets", is_flag=True, help="List the hook presets and exit.")
 def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tuple[str, ...],
                 prompts_file: str | None, hook_items: tuple[str, ...], out: str | None,
-                batch_size: int, storage_dtype: str, compression: str, top_k: int, truncate: bool,
+                batch_size: int, storage_dtype: str, compression: str, predictions: int,
+                generate: int, temperature: float, sample_top_k: int | None,
+                sample_top_p: float | None, seed: int | None, truncate: bool,
                 overwrite: bool, resume: bool, dry_run: bool, list_presets: bool) -> None:
     """Run MODEL over prompts and record activations into an HDF5 run.
 
     Also stored for every prompt: token ids and strings, per-token loss, the top-k next-token
-    predictions at every position, and everything needed to reproduce the run.
+    predictions at every position, and everything needed to reproduce the run. Encoder-decoders
+    (T5) read the prompt in the encoder and the JSONL field 'target' (else 'answer') in the decoder.
     """
     from workbench.capturing.hooks import PRESETS
 
@@ -384,14 +398,18 @@ def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tup
     if not dry_run and out:
         from pathlib import Path
 
-        from workbench.capturing.runner import _check_output
+        from workbench.capturing.runner import check_output
 
-        _check_output(Path(out).expanduser().absolute(), overwrite, resume)
+        check_output(Path(out).expanduser().absolute(), overwrite, resume)
+    if not generate and (sample_top_k is not None or sample_top_p is not None or seed is not None
+                         or temperature != 1.0):
+        raise UserError("--temperature, --top-k, --top-p and --seed shape --generate N; give N")
     model = _load(model_name, device, bos)
     result = capture(
         model, prompts, hooks=list(hook_items) or ["residual"], out=out, batch_size=batch_size,
-        dtype=storage_dtype, compression=compression, top_k=top_k, truncate=truncate,
-        overwrite=overwrite, resume=resume, dry_run=dry_run,
+        dtype=storage_dtype, compression=compression, predictions=predictions, truncate=truncate,
+        generate=generate, temperature=temperature, top_k=sample_top_k, top_p=sample_top_p,
+        seed=seed, overwrite=overwrite, resume=resume, dry_run=dry_run,
     )
     if dry_run:
         plan = result.plan
@@ -433,8 +451,9 @@ def inspect_cmd(run_path: str, as_json: bool, n_show: int) -> None:
         click.echo(f"model    {info['name']}: {info['family']} {info['architecture']}, "
                    f"{info['n_layers']} layers, d_model {info['d_model']}; "
                    f"{prov.get('quantization') or prov.get('source')}")
-        click.echo(f"prompts  {len(run):,} of {run.planned_prompts:,} committed, "
-                   f"{run.n_tokens_total:,} tokens; BOS policy '{settings.get('bos')}'")
+        counts = ", ".join(f"{run.n_tokens_total(s):,} {s.replace('_', ' ')}" for s in run.streams)
+        click.echo(f"prompts  {len(run):,} of {run.planned_prompts:,} committed, {counts}; "
+                   f"BOS policy '{settings.get('bos')}'")
         lm = "yes" if run.has_lm_outputs else "no (the model has no LM head)"
         click.echo(f"storage  {run.storage_dtype}, {settings.get('compression') or 'no'} compression, "
                    f"{len(run.hooks)} stored tensors; loss and top-{settings.get('top_k')}: {lm}")

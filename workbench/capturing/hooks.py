@@ -13,8 +13,9 @@ The bridge exposes many names for one tensor (1,725 names on SmolLM2). Two kinds
 :func:`plan_hooks` runs the model twice on tiny inputs with every requested hook point attached,
 holding on to the tensors so identity can be checked while they are alive, and stores each distinct
 tensor once under one name, with every other name recorded as an alias. The two probe passes use
-different batch sizes and lengths (1 x 5, 2 x 9), which tells the batch and position axes of each
-hook apart from its feature axes.
+different batch sizes and lengths (1 x 5, 2 x 9; an encoder-decoder's decoder gets 3, then 6
+tokens), which tells the batch axis, each positional axis and the token stream it indexes
+(encoder or decoder) apart from the feature axes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from workbench.errors import UserError
-from workbench.store.schema import HookSpec
+from workbench.store.schema import DEC, MAIN, HookSpec
 
 if TYPE_CHECKING:
     from workbench.models.model import Model
@@ -203,7 +204,12 @@ def _probe_tokens(model: Model, batch: int, length: int) -> Any:
     return torch.tensor([row] * batch, device=model.device)
 
 
-def _probe(model: Model, names: list[str], batch: int, length: int, keep: bool) -> dict[str, Any]:
+# (batch, main-stream length, decoder length) of the two probe passes.
+PROBES = ((1, 5, 3), (2, 9, 6))
+
+
+def _probe(model: Model, names: list[str], batch: int, length: int, dec_length: int,
+           keep: bool) -> dict[str, Any]:
     """Run the model once with a capture on every hook point in ``names``. Returns, in firing
     order, name -> tensor (``keep``; the references keep every tensor alive) or name -> shape."""
     import torch
@@ -218,8 +224,11 @@ def _probe(model: Model, names: list[str], batch: int, length: int, keep: bool) 
         return fn
 
     tokens = _probe_tokens(model, batch, length)
+    kwargs = {}
+    if model.family == "encoder-decoder":
+        kwargs["decoder_input"] = _probe_tokens(model, batch, dec_length)
     with torch.inference_mode(), model.bridge.hooks(fwd_hooks=[(n, make(n)) for n in names]):
-        model.forward(tokens)
+        model.forward(tokens, **kwargs)
     return seen
 
 
@@ -255,20 +264,40 @@ def _storage_name(names: list[str], requested: set[str], canonical: set[str]) ->
     return min(pool, key=lambda n: (n in canonical, order[n]))
 
 
-def _classify(small: tuple[int, ...], big: tuple[int, ...]) -> tuple[str | None, tuple[int, ...]]:
-    """Layout from the shapes seen with (batch 1, length 5) and (batch 2, length 9)."""
+def _classify(small: tuple[int, ...], big: tuple[int, ...], enc_dec: bool
+              ) -> tuple[str | None, tuple[int, ...], tuple[str, ...]]:
+    """Layout, feature shape and the stream of each positional axis, from the shapes seen in the
+    two probe passes (:data:`PROBES`)."""
     if len(small) != len(big) or not small:
-        return None, ()
-    batch = [d for d, (a, b) in enumerate(zip(small, big)) if (a, b) == (1, 2)]
-    pos = [d for d, (a, b) in enumerate(zip(small, big)) if (a, b) == (5, 9)]
-    other = [d for d, (a, b) in enumerate(zip(small, big)) if a != b and d not in batch + pos]
-    if batch != [0] or other:
-        return None, ()
+        return None, (), ()
+    (b1, n1, d1), (b2, n2, d2) = PROBES
+    roles: list[str | None] = []
+    for a, b in zip(small, big):
+        if (a, b) == (b1, b2):
+            roles.append("batch")
+        elif (a, b) == (n1, n2):
+            roles.append(MAIN)
+        elif enc_dec and (a, b) == (d1, d2):
+            roles.append(DEC)
+        elif a == b:
+            roles.append(None)  # a feature axis
+        else:
+            return None, (), ()
+    if roles[0] != "batch" or "batch" in roles[1:]:
+        return None, (), ()
+    pos = [k for k, r in enumerate(roles) if r in (MAIN, DEC)]
     if pos == [1]:
-        return "token", tuple(small[2:])
+        return "token", tuple(small[2:]), (str(roles[1]),)
     if len(small) == 4 and pos == [2, 3]:
-        return "square", (small[1],)
-    return None, ()
+        return "square", (small[1],), (str(roles[2]), str(roles[3]))
+    return None, (), ()
+
+
+def _pos_name(stream: str, enc_dec: bool, role: str = "") -> str:
+    if not enc_dec:
+        return f"{role}_pos" if role else "pos"
+    side = "dec" if stream == DEC else "enc"
+    return f"{side}_{role}_pos" if role else f"{side}_pos"
 
 
 def plan_hooks(model: Model, selection: Selection) -> HookPlan:
@@ -287,8 +316,8 @@ def plan_hooks(model: Model, selection: Selection) -> HookPlan:
     skipped: list[tuple[str, str]] = []
     with gates_enabled(model, selection.gates):
         rep_names = list(points.values())
-        small = _probe(model, rep_names, 1, 5, keep=False)
-        big = _probe(model, rep_names, 2, 9, keep=True)
+        small = _probe(model, rep_names, *PROBES[0], keep=False)
+        big = _probe(model, rep_names, *PROBES[1], keep=True)
         # The first hook point to see a tensor is the one that produced it.
         fired = {name: k for k, name in enumerate(big)}
         order = sorted(points, key=lambda pid: fired.get(points[pid], len(fired)))
@@ -313,12 +342,13 @@ def plan_hooks(model: Model, selection: Selection) -> HookPlan:
         if points[pid] not in big_shapes:
             skipped += [(n, "it never fires in this model's forward pass")
                         for n in by_point[pid] if n in requested]
+    enc_dec = model.family == "encoder-decoder"
     specs: list[HookSpec] = []
     for group in groups:
         rep = points[group[0]]
         sa, sb = small[rep], big_shapes[rep]
         names = [n for pid in group for n in by_point[pid]]
-        layout, feature = _classify(sa, sb)
+        layout, feature, streams = _classify(sa, sb, enc_dec)
         if layout is None:
             skipped += [(n, f"it holds no value per prompt and token (shapes {sa} and {sb})")
                         for n in names if n in requested]
@@ -326,13 +356,15 @@ def plan_hooks(model: Model, selection: Selection) -> HookPlan:
         store_as = _storage_name(names, requested, canonical)
         axes: tuple[str, ...]
         if layout == "square":
-            axes = ("head", "query_pos", "key_pos")
+            axes = ("head", _pos_name(streams[0], enc_dec, "query"),
+                    _pos_name(streams[1], enc_dec, "key"))
         else:
-            axes = ("pos", *_axes(feature, model))
+            axes = (_pos_name(streams[0], enc_dec), *_axes(feature, model))
         specs.append(HookSpec(
             name=store_as, layout=layout, feature_shape=feature, axes=axes,
             kind="float" if floating[rep] else "int",
             aliases=tuple(sorted(n for n in names if n != store_as)),
+            streams=streams,
         ))
     for name, why in skipped:
         if name in selection.exact:

@@ -1,23 +1,29 @@
 """Running a model over prompts and streaming the chosen activations into a run file.
 
-The forward passes run in the calling thread; one writer thread, fed through a bounded queue,
-does all HDF5 work (h5py serialises every call behind one lock anyway), so writing a batch
-overlaps the next forward pass and memory stays flat in the number of prompts.
+The forward passes run in the calling thread. Each hook hands its (already sliced and converted)
+values to one writer thread as soon as it fires, through a queue bounded in bytes; the writer does
+all HDF5 work (h5py serialises every call behind one lock anyway) and commits the batch once its
+tokens arrive. Writing thus overlaps the rest of the forward pass and the next batch, and memory
+stays flat in the number of prompts.
 
-Batches are right-padded and run without an attention mask: in a causal decoder a real position
-never attends to a later (padding) position, so padding cannot reach any stored value; only the
-real positions (and, for attention patterns, the real query x key block) are stored.
+Batches are right-padded. Decoders run without an attention mask: a real position never attends to
+a later (padding) one. Encoders and encoder-decoders get the attention mask (their attention is
+bidirectional; T5's cross-attention also uses it). Only real positions — and, for attention, the
+real query x key block — are stored.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import queue
+import secrets
 import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,25 +32,39 @@ import numpy as np
 
 from workbench.capturing.hooks import HookPlan, gates_enabled, plan_hooks, select
 from workbench.capturing.prompts import Prompt, normalize
+from workbench.capturing.sampling import SamplingSettings, entropy, sampling_distribution
 from workbench.errors import UserError
 from workbench.paths import fsync_dir
 from workbench.store import schema as S
 from workbench.store.reader import lock_path, partial_path, read_ragged
-from workbench.store.writer import BatchRecord, RunWriter
+from workbench.store.writer import BatchRecord, RunWriter, TokenField
 
 if TYPE_CHECKING:
     from workbench.models.model import Model
 
 COMPRESSIONS = ("none", "gzip", "lzf")
 # Settings a resumed capture must share with the capture it continues.
-RESUME_KEYS = ("model", "hooks", "storage_dtype", "compression", "top_k", "batch_size", "bos",
-               "truncate", "gates")
+RESUME_KEYS = ("model", "family", "hooks", "storage_dtype", "compression", "top_k", "batch_size",
+               "bos", "truncate", "gates", "generation")
+WRITE_BUDGET = 256 << 20  # bytes of activations waiting for the writer before hooks block
 
 
 class CaptureInterrupted(UserError):
     """Ctrl-C: everything committed so far is kept; ``--resume`` continues."""
 
     exit_code = 130
+
+
+@dataclass(frozen=True)
+class Generation:
+    """``--generate N``: sample N tokens after each prompt before capturing."""
+
+    n: int
+    sampling: SamplingSettings
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "seed": self.seed, **self.sampling.to_dict()}
 
 
 @dataclass
@@ -54,28 +74,76 @@ class CapturePlan:
     model: Model
     prompts: list[Prompt]
     token_ids: list[list[int]]
+    """Main-stream input of each prompt (an encoder-decoder's encoder input)."""
     hooks: HookPlan
     storage_dtype: str
     compression: str | None
-    top_k: int
+    predictions: int
     batch_size: int
     truncated: list[str] = field(default_factory=list)
+    dec_ids: list[list[int]] | None = None
+    """Encoder-decoders: the decoder input of each prompt (start token + target shifted right)."""
+    targets: list[list[int]] | None = None
+    """Encoder-decoders: the target at each decoder position (-1 where none was given)."""
+    generation: Generation | None = None
 
     @property
-    def n_tokens(self) -> int:
-        return sum(len(t) for t in self.token_ids)
+    def family(self) -> str:
+        return self.model.family
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        return (S.MAIN, S.DEC) if self.family == "encoder-decoder" else (S.MAIN,)
+
+    @property
+    def lm_stream(self) -> str:
+        return S.DEC if self.family == "encoder-decoder" else S.MAIN
+
+    @property
+    def lm_target(self) -> str:
+        return "same" if self.family == "encoder" else "next"
 
     @property
     def has_lm_outputs(self) -> bool:
         return self.model.info.has_lm_head
 
-    def prompt_bytes(self, i: int) -> int:
-        n = len(self.token_ids[i])
-        item = S.storage_numpy_dtype(self.storage_dtype).itemsize
-        total = sum(h.bytes_for(n, 8 if h.kind == "int" else item) for h in self.hooks.specs)
-        total += n * (4 + 8 + 6)  # ids, str offsets, ~str bytes
+    def lengths(self, i: int) -> dict[str, int]:
+        out = {S.MAIN: len(self.token_ids[i])}
+        if self.dec_ids is not None:
+            out[S.DEC] = len(self.dec_ids[i])
+        if self.generation is not None:
+            out[self.lm_stream] += self.generation.n
+        return out
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(self.lengths(i)[S.MAIN] for i in range(len(self.prompts)))
+
+    def tokens_per_stream(self) -> dict[str, int]:
+        return {s: sum(self.lengths(i)[s] for i in range(len(self.prompts))) for s in self.streams}
+
+    def token_fields(self) -> tuple[TokenField, ...]:
+        fields: list[TokenField] = []
+        lm = self.lm_stream
         if self.has_lm_outputs:
-            total += n * (4 + 8 * self.top_k)
+            fields += [TokenField(lm, S.LOSS, "float32"),
+                       TokenField(lm, S.TOPK_IDS, "int32", self.predictions),
+                       TokenField(lm, S.TOPK_LOGPROBS, "float32", self.predictions)]
+            if self.family == "encoder-decoder":
+                fields.append(TokenField(lm, S.TARGET, "int32"))
+        if self.generation is not None:
+            fields += [TokenField(lm, name, "float32") for name in S.GEN_FIELDS]
+        return tuple(fields)
+
+    def _itemsize(self, kind: str) -> int:
+        return 8 if kind == "int" else S.storage_numpy_dtype(self.storage_dtype).itemsize
+
+    def prompt_bytes(self, i: int) -> int:
+        lengths = self.lengths(i)
+        total = sum(h.bytes_for(lengths, self._itemsize(h.kind)) for h in self.hooks.specs)
+        total += sum(n * (4 + 8 + 6) for n in lengths.values())  # ids, str offsets, ~str bytes
+        for tf in self.token_fields():
+            total += lengths[tf.stream] * 4 * max(1, tf.width)
         return total + len(self.prompts[i].text.encode()) + 64
 
     def estimated_bytes(self, start: int = 0) -> int:
@@ -83,27 +151,33 @@ class CapturePlan:
 
     def summary(self) -> list[str]:
         names = sum(1 + len(h.aliases) for h in self.hooks.specs)
+        counts = ", ".join(f"{n:,} {s.replace('_', ' ')}" for s, n in self.tokens_per_stream().items())
         lines = [
-            (f"capture: {len(self.prompts):,} prompts, {self.n_tokens:,} tokens, model "
+            (f"capture: {len(self.prompts):,} prompts, {counts}, model "
              f"{self.model.name} (BOS policy '{self.model.bos}')"),
             (f"hooks: {len(self.hooks.specs)} distinct tensors stored ({names} hook names answer "
              f"to them), {self.storage_dtype}"
              + (f", {self.compression} compression" if self.compression else "")),
             f"estimated size: {_human(self.estimated_bytes())}",
         ]
+        if self.generation is not None:
+            g = self.generation
+            lines.insert(1, f"generation: {g.n} tokens per prompt, temperature {g.sampling.temperature}, "
+                            f"top-k {g.sampling.top_k}, top-p {g.sampling.top_p}, seed {g.seed}")
         if self.truncated:
             lines.append(f"truncated to {self.model.info.n_ctx} tokens: {len(self.truncated)} prompts")
         return lines
 
     def hook_table(self) -> list[str]:
-        item = S.storage_numpy_dtype(self.storage_dtype).itemsize
         lines = []
         for h in self.hooks.specs:
-            size = sum(h.bytes_for(len(t), 8 if h.kind == "int" else item) for t in self.token_ids)
-            shape = ("(heads, q, k)" if h.layout == "square"
-                     else "(" + ", ".join(["pos", *map(str, h.feature_shape)]) + ")")
+            size = sum(h.bytes_for(self.lengths(i), self._itemsize(h.kind)) for i in range(len(self.prompts)))
+            if h.layout == "square":
+                shape = f"(heads, {h.axes[1]}, {h.axes[2]})"
+            else:
+                shape = "(" + ", ".join([h.axes[0], *map(str, h.feature_shape)]) + ")"
             alias = f"  = {', '.join(h.aliases[:3])}{' ...' if len(h.aliases) > 3 else ''}" if h.aliases else ""
-            lines.append(f"  {h.name:45} {shape:22} {_human(size):>10}{alias}")
+            lines.append(f"  {h.name:45} {shape:28} {_human(size):>10}{alias}")
         for name, why in self.hooks.skipped:
             lines.append(f"  skipped {name}: {why}")
         return lines
@@ -131,18 +205,22 @@ def _human(n: float) -> str:
 # --- planning ------------------------------------------------------------------------------------
 
 
-def _tokenize(model: Model, prompts: list[Prompt], truncate: bool) -> tuple[list[list[int]], list[str]]:
+def _tokenize(model: Model, prompts: list[Prompt], truncate: bool, extra: int
+              ) -> tuple[list[list[int]], list[str]]:
+    """Token ids of every prompt; ``extra`` tokens (generation) must fit in the context too."""
     n_ctx = model.info.n_ctx
     out, truncated = [], []
     for p in prompts:
         ids = model.tokenize(p.text)
-        if n_ctx and len(ids) > n_ctx:
-            if not truncate:
+        if n_ctx and len(ids) + extra > n_ctx:
+            room = n_ctx - extra
+            if not truncate or room < 1:
+                more = f" plus {extra} generated" if extra else ""
                 raise UserError(
-                    f"prompt {p.id!r} has {len(ids)} tokens; {model.name} takes at most {n_ctx} "
-                    "(--truncate keeps the first tokens)"
+                    f"prompt {p.id!r} has {len(ids)} tokens{more}; {model.name} takes at most {n_ctx}"
+                    + (" (--truncate keeps the first tokens)" if room >= 1 else "")
                 )
-            ids = ids[:n_ctx]
+            ids = ids[:room]
             truncated.append(p.id)
         corrupted = p.metadata.get("corrupted")
         if corrupted is not None:
@@ -156,6 +234,26 @@ def _tokenize(model: Model, prompts: list[Prompt], truncate: bool) -> tuple[list
     return out, truncated
 
 
+def _decoder_sequences(model: Model, prompts: list[Prompt]) -> tuple[list[list[int]], list[list[int]]]:
+    """Teacher forcing for encoder-decoders: the decoder reads the start token followed by the
+    target shifted right, and position t is scored on target[t]. The target text is the prompt's
+    ``target`` field, else its ``answer``; without one the decoder reads only the start token."""
+    start = int(model.bridge.original_model.config.decoder_start_token_id)
+    dec_ids, targets = [], []
+    for p in prompts:
+        text = p.metadata.get("target", p.metadata.get("answer"))
+        if text is None:
+            dec_ids.append([start])
+            targets.append([-1])
+            continue
+        if not isinstance(text, str) or not text:
+            raise UserError(f"prompt {p.id!r}: 'target' must be a non-empty string")
+        target = [int(t) for t in model.tokenizer(text, add_special_tokens=True)["input_ids"]]
+        dec_ids.append([start, *target[:-1]])
+        targets.append(target)
+    return dec_ids, targets
+
+
 def make_plan(
     model: Model,
     prompts: list[Prompt],
@@ -163,22 +261,27 @@ def make_plan(
     *,
     storage_dtype: str,
     compression: str | None,
-    top_k: int,
+    predictions: int,
     batch_size: int,
     truncate: bool,
+    generation: Generation | None = None,
 ) -> CapturePlan:
-    if model.family != "decoder":
-        raise UserError(
-            f"capture supports decoder models so far; {model.name} is an {model.family}"
-        )
-    token_ids, truncated = _tokenize(model, prompts, truncate)
+    if generation is not None and model.family != "decoder":
+        raise UserError(f"--generate works with decoder models; {model.name} is an {model.family}")
+    if generation is not None and not model.info.has_lm_head:
+        raise UserError(f"{model.name} has no trained language-model head to generate with")
+    token_ids, truncated = _tokenize(model, prompts, truncate, generation.n if generation else 0)
+    dec_ids = targets = None
+    if model.family == "encoder-decoder":
+        dec_ids, targets = _decoder_sequences(model, prompts)
     hook_plan = plan_hooks(model, select(model, list(hooks)))
     if truncated:
         print(f"workbench: warning: {len(truncated)} prompts truncated to {model.info.n_ctx} tokens "
               f"(first: {truncated[0]!r})", file=sys.stderr)
     return CapturePlan(model=model, prompts=prompts, token_ids=token_ids, hooks=hook_plan,
-                       storage_dtype=storage_dtype, compression=compression, top_k=top_k,
-                       batch_size=batch_size, truncated=truncated)
+                       storage_dtype=storage_dtype, compression=compression,
+                       predictions=predictions, batch_size=batch_size, truncated=truncated,
+                       dec_ids=dec_ids, targets=targets, generation=generation)
 
 
 def _settings(plan: CapturePlan, hooks_requested: list[str], truncate: bool) -> dict[str, Any]:
@@ -189,18 +292,24 @@ def _settings(plan: CapturePlan, hooks_requested: list[str], truncate: bool) -> 
     from workbench import __version__
 
     info = plan.model.info
+    padding = ("right-padded batches, no attention mask (causal); only real positions stored"
+               if plan.family == "decoder" else
+               "right-padded batches with an attention mask; only real positions stored")
     return {
         "model": {"name": info.name, "provenance": info.provenance.to_dict(), "dtype": info.dtype},
+        "family": plan.family,
         "hooks": [h.to_dict() for h in plan.hooks.specs],
         "hooks_requested": hooks_requested,
         "gates": plan.hooks.gates,
         "storage_dtype": plan.storage_dtype,
         "compression": plan.compression,
-        "top_k": plan.top_k,
+        "top_k": plan.predictions,
+        "lm_target": plan.lm_target,
         "batch_size": plan.batch_size,
         "bos": plan.model.bos,
         "truncate": truncate,
-        "padding": "right-padded batches, no attention mask; only real positions stored",
+        "generation": plan.generation.to_dict() if plan.generation else None,
+        "padding": padding,
         "numerics": info.numerics,
         "device": plan.model.device,
         "versions": {
@@ -236,102 +345,217 @@ def _to_storage(x: Any, storage: str, hook_name: str) -> np.ndarray:
     return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
 
 
-def run_batch(plan: CapturePlan, indices: list[int]) -> BatchRecord:
-    """Run one batch through the model and return what is stored for it."""
+def _padded(seqs: list[list[int]], pad: int, device: str) -> tuple[Any, Any]:
+    import torch
+
+    n_max = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), n_max), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n_max), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        tokens[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[row, : len(s)] = 1
+    return tokens.to(device), mask.to(device)
+
+
+def _generator(seed: int, index: int) -> Any:
+    """The random stream of prompt ``index``: independent of batching and of resuming."""
+    import torch
+
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+    return g
+
+
+def _generate(plan: CapturePlan, indices: list[int], pad: int) -> tuple[list[list[int]], list[dict[str, list[float]]]]:
+    """Sample ``plan.generation.n`` tokens after each prompt of the batch. Rows are right-padded
+    and each row's next token is read at its own last real position (causal: padding after it is
+    never seen), so a batch generates exactly what each prompt would alone, up to rounding."""
+    import torch
+
+    gen = plan.generation
+    assert gen is not None
+    model = plan.model
+    seqs = [list(plan.token_ids[i]) for i in indices]
+    rngs = [_generator(gen.seed, i) for i in indices]
+    stats: list[dict[str, list[float]]] = [{f: [] for f in S.GEN_FIELDS} for _ in indices]
+    with torch.inference_mode():
+        for _ in range(gen.n):
+            tokens, _ = _padded(seqs, pad, model.device)
+            logits = model.forward(tokens)
+            for row, seq in enumerate(seqs):
+                last = logits[row, len(seq) - 1]
+                model_p = torch.softmax(last.to(torch.float64), dim=-1)
+                p = sampling_distribution(last, gen.sampling)
+                token = int(torch.multinomial(p.cpu(), 1, generator=rngs[row]))
+                s = stats[row]
+                s["sample_prob"].append(float(p[token]))
+                s["sample_entropy"].append(entropy(p))
+                s["model_prob"].append(float(model_p[token]))
+                s["model_entropy"].append(entropy(model_p))
+                seq.append(token)
+    return seqs, stats
+
+
+def run_batch(plan: CapturePlan, indices: list[int],
+              on_act: Callable[[str, np.ndarray], None] | None = None) -> BatchRecord:
+    """Run one batch through the model. Each hook's values go to ``on_act`` as soon as they are
+    computed (or into the returned record's ``acts`` without one)."""
     import torch
 
     model = plan.model
-    ids = [plan.token_ids[i] for i in indices]
-    lengths = [len(t) for t in ids]
-    n_max = max(lengths)
     pad = model.tokenizer.pad_token_id
     pad = 0 if pad is None else int(pad)
-    tokens = torch.full((len(ids), n_max), pad, dtype=torch.long)
-    for row, t in enumerate(ids):
-        tokens[row, : len(t)] = torch.tensor(t)
-    tokens = tokens.to(model.device)
-    acts: dict[str, np.ndarray] = {}
-    square_sizes: dict[str, list[int]] = {}
+    gen_stats = None
+    if plan.generation is not None:
+        main, gen_stats = _generate(plan, indices, pad)
+    else:
+        main = [plan.token_ids[i] for i in indices]
+    seqs = {S.MAIN: main}
+    if plan.dec_ids is not None:
+        seqs[S.DEC] = [plan.dec_ids[i] for i in indices]
+    lengths = {s: [len(t) for t in v] for s, v in seqs.items()}
+    tokens, mask = _padded(seqs[S.MAIN], pad, model.device)
+    kwargs: dict[str, Any] = {}
+    if plan.family != "decoder":
+        kwargs["attention_mask"] = mask
+    if S.DEC in seqs:
+        kwargs["decoder_input"] = _padded(seqs[S.DEC], pad, model.device)[0]
+    record = BatchRecord(
+        prompt_ids=[plan.prompts[i].id for i in indices],
+        texts=[plan.prompts[i].text for i in indices],
+        metas=[S.dumps(plan.prompts[i].metadata) for i in indices],
+        tokens={s: [np.asarray(t, dtype=np.int32) for t in v] for s, v in seqs.items()},
+        str_tokens={s: [model.str_tokens(t) for t in v] for s, v in seqs.items()},
+        n_input=[len(plan.token_ids[i]) for i in indices] if plan.lm_stream == S.MAIN
+        else [len(plan.dec_ids[i]) for i in indices],  # type: ignore[index]
+    )
+    sink = on_act if on_act is not None else record.acts.__setitem__
+    fired: set[str] = set()
 
     def make(spec: S.HookSpec):  # type: ignore[no-untyped-def]
         def fn(t: Any, hook: Any) -> None:
             if spec.layout == "square":
-                parts = [t[b, :, :n, :n].reshape(-1) for b, n in enumerate(lengths)]
-                square_sizes[spec.name] = [p.numel() for p in parts]
+                q, k = spec.square_streams()
+                parts = [t[b, :, :nq, :nk].reshape(-1)
+                         for b, (nq, nk) in enumerate(zip(lengths[q], lengths[k]))]
+                record.square_sizes[spec.name] = [p.numel() for p in parts]
             else:
-                parts = [t[b, :n] for b, n in enumerate(lengths)]
+                parts = [t[b, :n] for b, n in enumerate(lengths[spec.stream_of_rows()])]
             # torch.cat copies, so later in-place changes by the model cannot alter what is stored.
-            acts[spec.name] = _to_storage(torch.cat(parts), plan.storage_dtype, spec.name)
+            sink(spec.name, _to_storage(torch.cat(parts), plan.storage_dtype, spec.name))
+            fired.add(spec.name)
 
         return fn
 
     with torch.inference_mode():
         with model.bridge.hooks(fwd_hooks=[(s.name, make(s)) for s in plan.hooks.specs]):
-            logits = model.forward(tokens)
-        loss = topk_ids = topk_lp = None
+            logits = model.forward(tokens, **kwargs)
+        missing = [s.name for s in plan.hooks.specs if s.name not in fired]
+        if missing:
+            raise RuntimeError(f"hooks did not fire during capture: {missing}")
         if plan.has_lm_outputs:
-            losses, tids, tlps = [], [], []
-            for b, n in enumerate(lengths):
-                lp = torch.log_softmax(logits[b, :n].float(), dim=-1)
-                nll = torch.full((n,), float("nan"))
-                if n > 1:
-                    target = tokens[b, 1:n]
-                    nll[: n - 1] = -lp[:-1].gather(-1, target[:, None])[:, 0].cpu()
-                losses.append(nll)
-                top = torch.topk(lp, k=min(plan.top_k, lp.shape[-1]), dim=-1)
-                tids.append(top.indices.to(torch.int32).cpu())
-                tlps.append(top.values.cpu())
-            loss = torch.cat(losses).numpy()
-            topk_ids = torch.cat(tids).numpy()
-            topk_lp = torch.cat(tlps).numpy()
-    missing = [s.name for s in plan.hooks.specs if s.name not in acts]
-    if missing:
-        raise RuntimeError(f"hooks did not fire during capture: {missing}")
-    return BatchRecord(
-        prompt_ids=[plan.prompts[i].id for i in indices],
-        texts=[plan.prompts[i].text for i in indices],
-        metas=[S.dumps(plan.prompts[i].metadata) for i in indices],
-        token_ids=[np.asarray(t, dtype=np.int32) for t in ids],
-        str_tokens=[model.str_tokens(t) for t in ids],
-        acts=acts,
-        square_sizes=square_sizes,
-        loss=loss,
-        topk_ids=topk_ids,
-        topk_logprobs=topk_lp,
-    )
+            record.fields.update(_lm_outputs(plan, logits, seqs, indices))
+    if gen_stats is not None:
+        for name in S.GEN_FIELDS:
+            values = [np.concatenate([np.full(lengths[S.MAIN][r] - len(s[name]), np.nan, np.float32),
+                                      np.asarray(s[name], np.float32)]) for r, s in enumerate(gen_stats)]
+            record.fields[f"{plan.lm_stream}/{name}"] = np.concatenate(values)
+    return record
+
+
+def _lm_outputs(plan: CapturePlan, logits: Any, seqs: dict[str, list[list[int]]],
+                indices: list[int]) -> dict[str, np.ndarray]:
+    """Per-token loss and top-k log-probabilities on the LM stream, from the batch's logits:
+    ``log p = logit - logsumexp(logits)`` without materialising a vocabulary-sized log-softmax."""
+    import torch
+
+    lm = plan.lm_stream
+    losses, tids, tlps, tgts = [], [], [], []
+    for b, seq in enumerate(seqs[lm]):
+        n = len(seq)
+        x = logits[b, :n].float()
+        lse = torch.logsumexp(x, dim=-1)
+        if plan.lm_target == "same":
+            target = torch.tensor(seq, dtype=torch.long, device=x.device)
+        elif plan.family == "encoder-decoder":
+            assert plan.targets is not None
+            target = torch.tensor(plan.targets[indices[b]], dtype=torch.long, device=x.device)
+            tgts.append(target.to(torch.int32).cpu())
+        else:  # next token; none after the last position
+            target = torch.tensor([*seq[1:], -1], dtype=torch.long, device=x.device)
+        valid = target >= 0
+        picked = x.gather(-1, target.clamp(min=0)[:, None])[:, 0]
+        nll = torch.where(valid, lse - picked, torch.full_like(lse, float("nan")))
+        top = torch.topk(x, k=min(plan.predictions, x.shape[-1]), dim=-1)
+        losses.append(nll.cpu())
+        tids.append(top.indices.to(torch.int32).cpu())
+        tlps.append((top.values - lse[:, None]).cpu())
+    out = {
+        f"{lm}/{S.LOSS}": torch.cat(losses).numpy(),
+        f"{lm}/{S.TOPK_IDS}": torch.cat(tids).numpy(),
+        f"{lm}/{S.TOPK_LOGPROBS}": torch.cat(tlps).numpy(),
+    }
+    if tgts:
+        out[f"{lm}/{S.TARGET}"] = torch.cat(tgts).numpy()
+    return out
 
 
 # --- the writer thread ---------------------------------------------------------------------
 
 
 class _WriterThread(threading.Thread):
-    def __init__(self, writer: RunWriter, depth: int = 2) -> None:
+    """All HDF5 work happens here. Hooks hand over activations as they fire (``put_act``); the
+    batch's tokens follow (``put_commit``). The queue is bounded in bytes, so a slow disk holds
+    the forward pass back instead of filling memory."""
+
+    def __init__(self, writer: RunWriter, budget: int = WRITE_BUDGET) -> None:
         super().__init__(name="workbench-writer", daemon=True)
         self.writer = writer
-        self.queue: queue.Queue[BatchRecord | None] = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue[tuple[str, Any, Any] | None] = queue.Queue()
         self.error: BaseException | None = None
+        self.budget = budget
+        self.pending = 0
+        self.cond = threading.Condition()
 
     def run(self) -> None:
         while True:
             item = self.queue.get()
             if item is None:
                 return
-            if self.error is not None:
-                continue  # drain without writing after a failure
+            kind, a, b = item
+            size = b.nbytes if kind == "act" else 0
             try:
-                self.writer.append(item)
+                if self.error is None:
+                    if kind == "act":
+                        self.writer.write_act(a, b)
+                    else:
+                        self.writer.commit(a)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, re-raised there
                 self.error = exc
+            finally:
+                with self.cond:
+                    self.pending -= size
+                    self.cond.notify_all()
 
-    def put(self, item: BatchRecord | None) -> None:
-        while True:
-            if self.error is not None and item is not None:
-                raise self.error
-            try:
-                self.queue.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put_act(self, name: str, values: np.ndarray) -> None:
+        with self.cond:
+            while self.pending and self.pending + values.nbytes > self.budget and self.error is None:
+                self.cond.wait(0.2)
+            self._check()
+            self.pending += values.nbytes
+        self.queue.put(("act", name, values))
+
+    def put_commit(self, record: BatchRecord) -> None:
+        self._check()
+        self.queue.put(("commit", record, None))
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.join()
 
 
 # --- the public entry point --------------------------------------------------------------------
@@ -361,7 +585,8 @@ class _Lock:
         os.close(self.fd)
 
 
-def _check_output(out: Path, overwrite: bool, resume: bool) -> None:
+def check_output(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse, before anything is loaded or written, an output that would clobber a run."""
     if overwrite and resume:
         raise UserError("--overwrite and --resume exclude each other")
     if not out.parent.is_dir():
@@ -377,13 +602,6 @@ def _check_output(out: Path, overwrite: bool, resume: bool) -> None:
                         "--overwrite starts again")
 
 
-def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    for key in RESUME_KEYS:
-        if old.get(key) != new.get(key):
-            return key
-    return None
-
-
 def capture(
     model: Model | str,
     prompts: Any,
@@ -394,9 +612,14 @@ def capture(
     device: str | None = "auto",
     dtype: str = "float32",
     compression: str | None = None,
-    top_k: int = 10,
+    predictions: int = 10,
     bos: str | None = None,
     truncate: bool = False,
+    generate: int = 0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
     overwrite: bool = False,
     resume: bool = False,
     dry_run: bool = False,
@@ -405,12 +628,15 @@ def capture(
     """Capture activations of ``model`` on ``prompts`` into the run file ``out``.
 
     :param model: a loaded :class:`~workbench.models.model.Model` or a model name.
-    :param prompts: strings, dicts (``{"prompt", "id", "answer", "wrong", "corrupted", ...}``),
-        :class:`Prompt` objects, or the path of a ``.txt`` (one prompt per line) / ``.jsonl`` file.
+    :param prompts: strings, dicts (``{"prompt", "id", "answer", "wrong", "corrupted", "target",
+        ...}``), :class:`Prompt` objects, or the path of a ``.txt`` / ``.jsonl`` file.
     :param hooks: TransformerLens hook names, globs (``blocks.*.hook_resid_post``) or presets
         (``residual``, ``attention``, ``attention-full``, ``mlp``, ``lens``, ``all``).
-    :param dtype: storage dtype: ``float32`` (exact), ``float16`` or ``bfloat16`` (stored as raw bits).
+    :param dtype: storage dtype: ``float32`` (exact), ``float16`` or ``bfloat16`` (raw bits).
     :param compression: ``None``/``"none"``, ``"gzip"`` or ``"lzf"``.
+    :param predictions: top-k next-token predictions stored per position.
+    :param generate: sample this many tokens after each prompt (decoders) and capture the whole
+        sequence; ``temperature`` (0 = greedy), ``top_k``, ``top_p`` and ``seed`` shape the sampling.
     :param overwrite: replace an existing run (the old one stays until the new one is complete).
     :param resume: continue an interrupted capture of the same prompts and settings.
     :param dry_run: plan and estimate only; nothing is written.
@@ -426,13 +652,22 @@ def capture(
         compression = None
     if compression is not None and compression not in COMPRESSIONS:
         raise UserError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
-    if not 1 <= top_k <= 1000:
-        raise UserError("top-k must be between 1 and 1000")
+    if not 1 <= predictions <= 1000:
+        raise UserError("predictions (top-k stored per position) must be between 1 and 1000")
+    if generate < 0:
+        raise UserError("--generate must be 0 or more")
+    generation = None
+    if generate:
+        # A seed is always recorded, so every run can be reproduced from its own settings.
+        generation = Generation(generate, SamplingSettings(temperature, top_k, top_p),
+                                seed if seed is not None else secrets.randbelow(2**31))
+    elif top_k is not None or top_p is not None or seed is not None or temperature != 1.0:
+        raise UserError("--temperature, --top-k, --top-p and --seed shape --generate N; give N")
     final: Path | None = Path(out).expanduser().absolute() if out is not None else None
     if final is None and not dry_run:
         raise UserError("an output file is needed (--out RUN.h5)")
     if final is not None and not dry_run:
-        _check_output(final, overwrite, resume)
+        check_output(final, overwrite, resume)
     items = normalize(prompts)
     if isinstance(model, str):
         model = load_model(model, device=device, bos=bos)  # type: ignore[arg-type]
@@ -440,7 +675,8 @@ def capture(
         raise UserError(f"the model was loaded with BOS policy {model.bos!r}; load it with bos={bos!r}")
     hook_items = list(hooks)
     plan = make_plan(model, items, hook_items, storage_dtype=dtype, compression=compression,
-                     top_k=top_k, batch_size=batch_size, truncate=truncate)
+                     predictions=predictions, batch_size=batch_size, truncate=truncate,
+                     generation=generation)
     show = sys.stderr.isatty() if progress is None else progress
     if dry_run:
         return CaptureResult(final or Path(), 0, 0, 0, 0.0, 0, plan)
@@ -487,10 +723,10 @@ def _execute(plan: CapturePlan, final: Path, settings: dict[str, Any], *, resume
         writer = RunWriter(
             target, model_info=plan.model.info.to_dict(), settings=settings,
             hooks=plan.hooks.specs, planned_prompts=len(plan.prompts),
-            storage_dtype=plan.storage_dtype, top_k=plan.top_k,
-            has_lm_head=plan.has_lm_outputs, compression=plan.compression,
-            tool_version=__version__, expected_tokens=plan.n_tokens,
-            expected_elements={h.name: sum(h.feature_shape[0] * len(t) ** 2 for t in plan.token_ids)
+            storage_dtype=plan.storage_dtype, compression=plan.compression,
+            tool_version=__version__, streams=plan.streams, token_fields=plan.token_fields(),
+            expected_tokens=plan.tokens_per_stream(),
+            expected_elements={h.name: sum(h.elements_for(plan.lengths(i)) for i in range(len(plan.prompts)))
                                for h in plan.hooks.specs if h.layout == "square"},
         )
         if old is not None:
@@ -521,24 +757,20 @@ def _execute(plan: CapturePlan, final: Path, settings: dict[str, Any], *, resume
 
 
 def _old_resumes(old: Any) -> list[Any]:
-    import json
-
     return list(json.loads(old[S.META_SETTINGS][()].decode()).get("resumed", []))
 
 
 def _check_resumable(old: Any, plan: CapturePlan, settings: dict[str, Any], partial: Path) -> int:
-    import json
-
     try:
         old_settings = json.loads(old[S.META_SETTINGS][()].decode())
         n_done = int(old[S.TOKEN_OFFSETS].shape[0]) - 1
     except (KeyError, ValueError) as exc:
         raise UserError(f"{partial} is not a resumable workbench run ({exc})") from None
-    key = _first_difference(old_settings, settings)
-    if key is not None:
-        raise UserError(f"cannot resume {partial}: setting {key!r} differs from the interrupted "
-                        f"capture ({S.dumps(old_settings.get(key))[:80]} vs "
-                        f"{S.dumps(settings.get(key))[:80]})")
+    for key in RESUME_KEYS:
+        if old_settings.get(key) != settings.get(key):
+            raise UserError(f"cannot resume {partial}: setting {key!r} differs from the interrupted "
+                            f"capture ({S.dumps(old_settings.get(key))[:80]} vs "
+                            f"{S.dumps(settings.get(key))[:80]})")
     if n_done > len(plan.prompts):
         raise UserError(f"cannot resume {partial}: it already holds {n_done} prompts, more than "
                         f"the {len(plan.prompts)} given")
@@ -576,39 +808,39 @@ def _stream(plan: CapturePlan, writer: RunWriter, start_at: int, show_progress: 
         TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[written]}"),
         TimeRemainingColumn(), disable=not show_progress, transient=False,
     )
-    # Prefer filling whole batches from the resume point so batch boundaries match a run that was
-    # never interrupted (the same padding, hence the same numerics).
+    # Batches start at the resume point, which is always a batch boundary: the resumed capture
+    # forms exactly the batches an uninterrupted one would (the same padding, the same numerics).
     batches = [list(range(s, min(s + plan.batch_size, n_total)))
                for s in range(start_at, n_total, plan.batch_size)]
+
+    def stop(discard: bool) -> None:
+        thread.finish()
+        writer.close()
+        if discard:
+            _discard_if_empty(writer, start_at)
+
     try:
         with progress:
             task = progress.add_task("capture", total=n_total, completed=start_at, rate="", written="")
             for idx in batches:
-                record = run_batch(plan, idx)
-                thread.put(record)
-                tokens_done += record.n_tokens
+                record = run_batch(plan, idx, on_act=thread.put_act)
+                thread.put_commit(record)
+                tokens_done += sum(len(t) for t in record.tokens[S.MAIN])
                 elapsed = max(1e-9, time.monotonic() - t0)
                 progress.update(
                     task, completed=idx[-1] + 1,
                     rate=f"{tokens_done / elapsed:,.0f} tok/s",
                     written=f"{writer.bytes_written / 1e6:,.1f} MB written",
                 )
-        thread.put(None)
-        thread.join()
+        thread.finish()
     except KeyboardInterrupt:
-        thread.put(None)
-        thread.join()
-        writer.close()
-        _discard_if_empty(writer, start_at)
+        stop(discard=True)
         raise CaptureInterrupted(
             f"interrupted: {writer.n_prompts} prompts are committed in {writer.path}; "
             "run the same command with --resume to continue"
         ) from None
     except BaseException:
-        thread.put(None)
-        thread.join()
-        writer.close()
-        _discard_if_empty(writer, start_at)
+        stop(discard=True)
         raise
     if thread.error is not None:
         writer.close()
@@ -617,5 +849,5 @@ def _stream(plan: CapturePlan, writer: RunWriter, start_at: int, show_progress: 
     seconds = time.monotonic() - t0
     if writer.n_prompts != n_total:
         raise RuntimeError(f"wrote {writer.n_prompts} prompts, expected {n_total}")
-    return CaptureResult(writer.path, writer.n_prompts, writer.n_tokens, writer.bytes_written,
+    return CaptureResult(writer.path, writer.n_prompts, writer.n_tokens[S.MAIN], writer.bytes_written,
                          seconds, start_at, plan)

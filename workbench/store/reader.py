@@ -107,6 +107,7 @@ class Run:
                 )
             self._datasets: dict[str, h5py.Dataset] = {}
             self._stale: set[str] = set()
+            self._stream_offsets: dict[str, np.ndarray] = {}
             self._offsets = self._ds(S.TOKEN_OFFSETS)
             self._n = self._committed()
             # Small, and read by nearly everything: parsing them now turns damage into a clear
@@ -140,7 +141,7 @@ class Run:
         Datasets are refreshed lazily, each the first time it is read afterwards."""
         self._offsets.refresh()
         self._stale = set(self._datasets) - {S.TOKEN_OFFSETS}
-        self.__dict__.pop("_token_offsets", None)
+        self._stream_offsets.clear()
         self._n = self._committed()
         return self._n
 
@@ -213,9 +214,24 @@ class Run:
     def storage_dtype(self) -> str:
         return str(self.f.attrs.get("storage_dtype", "float32"))
 
+    @cached_property
+    def streams(self) -> tuple[str, ...]:
+        """Token streams: ``("tokens",)``, plus ``"dec_tokens"`` for encoder-decoders."""
+        raw = self.f.attrs.get("streams", S.MAIN)
+        return tuple(str(raw).split(","))
+
+    @property
+    def lm_stream(self) -> str:
+        """The stream the language-model outputs (loss, predictions, targets) belong to."""
+        return S.DEC if S.DEC in self.streams else S.MAIN
+
     @property
     def has_lm_outputs(self) -> bool:
-        return S.TOKEN_LOSS in self.f
+        return f"{self.lm_stream}/{S.LOSS}" in self.f
+
+    @property
+    def has_generation(self) -> bool:
+        return f"{self.lm_stream}/{S.GEN_FIELDS[0]}" in self.f
 
     # --- per-prompt --------------------------------------------------------------------------
 
@@ -224,16 +240,24 @@ class Run:
             raise IndexError(f"prompt {i} out of range: the run has {self._n} committed prompts")
         return i % self._n
 
-    @cached_property
+    def _offsets_of(self, stream: str) -> np.ndarray:
+        cached = self._stream_offsets.get(stream)
+        if cached is None or len(cached) < self._n + 1:
+            if stream not in self.streams:
+                raise UserError(f"this run has no {stream!r} stream (streams: {', '.join(self.streams)})")
+            cached = self._stream_offsets[stream] = self._ds(S.stream_offsets(stream))[: self._n + 1]
+        return cached
+
+    @property
     def _token_offsets(self) -> np.ndarray:
-        return self._offsets[: self._n + 1]
+        return self._offsets_of(S.MAIN)
 
     def _ragged(self, name: str, i: int) -> bytes:
         return read_ragged(self._ds, name, self._check(i))
 
-    def _token_range(self, i: int) -> tuple[int, int]:
+    def _token_range(self, i: int, stream: str = S.MAIN) -> tuple[int, int]:
         i = self._check(i)
-        start, end = self._token_offsets[i : i + 2]
+        start, end = self._offsets_of(stream)[i : i + 2]
         return int(start), int(end)
 
     @property
@@ -256,20 +280,21 @@ class Run:
         ``corrupted``, anything else)."""
         return json.loads(self._ragged(S.PROMPT_META, i).decode("utf-8"))  # type: ignore[no-any-return]
 
-    def n_tokens(self, i: int) -> int:
-        start, end = self._token_range(i)
+    def n_tokens(self, i: int, stream: str = S.MAIN) -> int:
+        start, end = self._token_range(i, stream)
         return end - start
 
-    def tokens(self, i: int) -> np.ndarray:
-        """Token ids, ``(seq,)`` int32, as the model saw them (BOS included if the policy added it)."""
-        start, end = self._token_range(i)
-        return self._ds(S.TOKEN_IDS)[start:end]
+    def tokens(self, i: int, stream: str = S.MAIN) -> np.ndarray:
+        """Token ids, ``(seq,)`` int32, as the model saw them (BOS included if the policy added it).
+        ``stream="dec_tokens"``: an encoder-decoder's decoder input."""
+        start, end = self._token_range(i, stream)
+        return self._ds(S.ids_name(stream))[start:end]
 
-    def str_tokens(self, i: int) -> list[str]:
+    def str_tokens(self, i: int, stream: str = S.MAIN) -> list[str]:
         """Each token decoded on its own (TransformerLens' ``to_str_tokens``)."""
-        start, end = self._token_range(i)
-        ends = self._ds(S.TOKEN_STR_OFFSETS)[start : end + 1]
-        blob = bytes(self._ds(S.TOKEN_STR)[ends[0] : ends[-1]])
+        start, end = self._token_range(i, stream)
+        ends = self._ds(S.offsets_name(S.str_name(stream)))[start : end + 1]
+        blob = bytes(self._ds(S.str_name(stream))[ends[0] : ends[-1]])
         base = int(ends[0])
         return [blob[a - base : b - base].decode("utf-8", errors="surrogatepass")
                 for a, b in itertools.pairwise(ends)]
@@ -277,16 +302,43 @@ class Run:
     def _lm(self, name: str, i: int) -> np.ndarray:
         if not self.has_lm_outputs:
             raise UserError("this run has no loss or predictions: its model has no trained LM head")
-        start, end = self._token_range(i)
-        return self._ds(name)[start:end]
+        start, end = self._token_range(i, self.lm_stream)
+        return self._ds(f"{self.lm_stream}/{name}")[start:end]
+
+    @property
+    def lm_target(self) -> str:
+        """What the stored predictions are about: ``next`` (decoders, and an encoder-decoder's
+        decoder) or ``same`` (a masked-LM encoder predicts the token at its own position)."""
+        return str(self.settings.get("lm_target", "next"))
 
     def loss(self, i: int) -> np.ndarray:
-        """Per-token loss ``(seq,)``: ``-log p(token[t+1] | tokens[:t+1])``; the last entry is NaN."""
-        return self._lm(S.TOKEN_LOSS, i)
+        """Per-token loss ``(seq,)`` on the LM stream: ``-log p(target[t])`` where the target is the
+        next token (decoders; NaN at the last position), the token itself (encoders), or the
+        decoder's target (encoder-decoders, see :meth:`targets`)."""
+        return self._lm(S.LOSS, i)
 
     def top_k(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k next-token predictions at every position: ids ``(seq, k)``, log-probs ``(seq, k)``."""
-        return self._lm(S.TOKEN_TOPK_IDS, i), self._lm(S.TOKEN_TOPK_LOGPROBS, i)
+        """Top-k predictions at every position of the LM stream: ids ``(seq, k)``, log-probs."""
+        return self._lm(S.TOPK_IDS, i), self._lm(S.TOPK_LOGPROBS, i)
+
+    def targets(self, i: int) -> np.ndarray:
+        """An encoder-decoder's target token at each decoder position (-1 where none was given)."""
+        if self.lm_stream != S.DEC:
+            raise UserError("targets exist for encoder-decoder runs only; a decoder's target is the next token")
+        return self._lm(S.TARGET, i)
+
+    def n_input_tokens(self, i: int) -> int:
+        """Tokens of the LM stream that came from the prompt; the rest were generated."""
+        return int(self._ds(S.N_INPUT)[self._check(i)])
+
+    def generation(self, i: int) -> dict[str, np.ndarray]:
+        """Per token of a generated run: the sampling distribution's entropy (nats) and the chosen
+        token's probability under it (``sample_*``), and the same under the model's own
+        distribution at temperature 1 (``model_*``). NaN at prompt positions."""
+        if not self.has_generation:
+            raise UserError("this run holds no generated tokens (capture with --generate N)")
+        start, end = self._token_range(i, self.lm_stream)
+        return {f: self._ds(f"{self.lm_stream}/{f}")[start:end] for f in S.GEN_FIELDS}
 
     def resolve(self, hook: str) -> S.HookSpec:
         name = self.aliases.get(hook)
@@ -311,19 +363,27 @@ class Run:
         if spec.layout == "square":
             i = self._check(i)
             start, end = self._ds(f"{S.ACTS_OFFSETS}/{spec.name}")[i : i + 2]
-            n = self.n_tokens(i)
-            values = ds[start:end].reshape(spec.feature_shape[0], n, n)
+            q, k = spec.square_streams()
+            values = ds[start:end].reshape(spec.feature_shape[0], self.n_tokens(i, q), self.n_tokens(i, k))
         else:
-            start, end = self._token_range(i)
+            start, end = self._token_range(i, spec.stream_of_rows())
             values = ds[start:end]
         return S.decode_values(values, ds.attrs.get("encoding") or None)
+
+    def axis_tokens(self, hook: str, i: int) -> list[list[str] | None]:
+        """For each axis of :meth:`activation`'s result, the tokens indexing it (``None`` for
+        non-positional axes): e.g. cross-attention ``[None, decoder tokens, encoder tokens]``."""
+        spec = self.resolve(hook)
+        if spec.layout == "square":
+            q, k = spec.square_streams()
+            return [None, self.str_tokens(i, q), self.str_tokens(i, k)]
+        return [self.str_tokens(i, spec.stream_of_rows())] + [None] * len(spec.feature_shape)
 
     def size_bytes(self) -> int:
         return self.path.stat().st_size
 
-    @property
-    def n_tokens_total(self) -> int:
-        return int(self._token_offsets[-1]) if self._n else 0
+    def n_tokens_total(self, stream: str = S.MAIN) -> int:
+        return int(self._offsets_of(stream)[-1]) if self._n else 0
 
     def summary(self, n_prompts: int = 5) -> dict[str, Any]:
         """A JSON-ready overview (what ``workbench inspect --json`` prints)."""
@@ -339,7 +399,7 @@ class Run:
             "bytes": self.size_bytes(),
             "prompts": self._n,
             "planned_prompts": self.planned_prompts,
-            "tokens": self.n_tokens_total,
+            "tokens": {s: self.n_tokens_total(s) for s in self.streams},
             "model": {k: info.get(k) for k in ("name", "family", "architecture", "n_layers",
                                                "n_heads", "n_kv_heads", "d_model", "d_vocab")},
             "provenance": info.get("provenance"),
@@ -347,9 +407,11 @@ class Run:
             "storage_dtype": self.storage_dtype,
             "settings": {k: self.settings.get(k) for k in (
                 "hooks_requested", "batch_size", "compression", "top_k", "truncate", "gates",
-                "resumed", "versions")},
+                "generation", "resumed", "versions")},
             "stored_hooks": [h.to_dict() for h in self.hooks.values()],
             "has_lm_outputs": self.has_lm_outputs,
+            "lm_target": self.lm_target if self.has_lm_outputs else None,
+            "generated": self.has_generation,
             "first_prompts": first,
         }
 

@@ -34,13 +34,15 @@ TOKEN_OFFSETS = "prompts/token_offsets"  # (n + 1,) -- the commit marker readers
 PROMPT_TEXT = "prompts/text"
 PROMPT_ID = "prompts/id"
 PROMPT_META = "prompts/meta"
-TOKEN_IDS = "tokens/ids"
-TOKEN_STR = "tokens/str"
-TOKEN_LOSS = "tokens/loss"
-TOKEN_TOPK_IDS = "tokens/topk_ids"
-TOKEN_TOPK_LOGPROBS = "tokens/topk_logprobs"
+N_INPUT = "prompts/n_input_tokens"  # (n,) tokens that came from the prompt (the rest generated)
 ACTS = "acts"
 ACTS_OFFSETS = "acts_offsets"
+
+# Token streams. Every model has "tokens" (a decoder's or encoder's input; an encoder-decoder's
+# encoder input); encoder-decoders also have "dec_tokens" (the decoder's input).
+MAIN = "tokens"
+DEC = "dec_tokens"
+STREAMS = (MAIN, DEC)
 
 
 def offsets_name(data_name: str) -> str:
@@ -48,8 +50,29 @@ def offsets_name(data_name: str) -> str:
     return f"{data_name}_offsets"
 
 
+def stream_offsets(stream: str) -> str:
+    """Per-prompt token offsets of a stream; the main stream's are the commit marker."""
+    return TOKEN_OFFSETS if stream == MAIN else f"prompts/{stream}_offsets"
+
+
+def ids_name(stream: str) -> str:
+    return f"{stream}/ids"
+
+
+def str_name(stream: str) -> str:
+    return f"{stream}/str"
+
+
+# Language-model outputs live on the stream the LM head reads (dec_tokens for encoder-decoders).
+LOSS, TOPK_IDS, TOPK_LOGPROBS, TARGET = "loss", "topk_ids", "topk_logprobs", "target"
+# Generation: per token, NaN where the token came from the prompt.
+GEN_FIELDS = ("sample_prob", "sample_entropy", "model_prob", "model_entropy")
+
 RAGGED_BYTES = (PROMPT_TEXT, PROMPT_ID, PROMPT_META)  # one entry per prompt
-TOKEN_STR_OFFSETS = offsets_name(TOKEN_STR)  # one entry per token
+TOKEN_IDS = ids_name(MAIN)
+TOKEN_STR = str_name(MAIN)
+TOKEN_STR_OFFSETS = offsets_name(TOKEN_STR)
+TOKEN_LOSS = f"{MAIN}/{LOSS}"
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 # Relative tolerance of a stored value against the model's float32 value (round to nearest).
@@ -73,12 +96,23 @@ class HookSpec:
     kind: str = "float"
     """``float`` (stored in the run's dtype) or ``int`` (stored as int64)."""
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    streams: tuple[str, ...] = ()
+    """Token stream of each positional axis: ``("tokens",)`` for a token layout, ``(query, key)``
+    for a square one (``("dec_tokens", "tokens")`` for cross-attention). Empty means the main
+    stream throughout."""
+
+    def stream_of_rows(self) -> str:
+        return self.streams[0] if self.streams else MAIN
+
+    def square_streams(self) -> tuple[str, str]:
+        return (self.streams[0], self.streams[1]) if len(self.streams) == 2 else (MAIN, MAIN)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["feature_shape"] = list(self.feature_shape)
         d["axes"] = list(self.axes)
         d["aliases"] = list(self.aliases)
+        d["streams"] = list(self.streams)
         return d
 
     @classmethod
@@ -90,16 +124,21 @@ class HookSpec:
             axes=tuple(str(x) for x in d["axes"]),
             kind=str(d.get("kind", "float")),
             aliases=tuple(str(x) for x in d.get("aliases", ())),
+            streams=tuple(str(x) for x in d.get("streams", ())),
         )
 
     def row_elements(self) -> int:
         return int(np.prod(self.feature_shape)) if self.feature_shape else 1
 
-    def bytes_for(self, n_tokens: int, itemsize: int) -> int:
-        """Stored bytes for one prompt of ``n_tokens`` tokens."""
+    def bytes_for(self, lengths: dict[str, int], itemsize: int) -> int:
+        """Stored bytes for one prompt whose streams have these token counts."""
         if self.layout == "square":
-            return self.feature_shape[0] * n_tokens * n_tokens * itemsize
-        return n_tokens * self.row_elements() * itemsize
+            q, k = self.square_streams()
+            return self.feature_shape[0] * lengths[q] * lengths[k] * itemsize
+        return lengths[self.stream_of_rows()] * self.row_elements() * itemsize
+
+    def elements_for(self, lengths: dict[str, int]) -> int:
+        return self.bytes_for(lengths, 1)
 
 
 def storage_numpy_dtype(storage: str, kind: str = "float") -> np.dtype:

@@ -1,4 +1,4 @@
-"""Writing a run: a single HDF5 file written in SWMR mode, committed prompt by prompt.
+"""Writing a run: a single HDF5 file written in SWMR mode, committed batch by batch.
 
 Crash safety rests on three rules:
 
@@ -12,7 +12,7 @@ Crash safety rests on three rules:
    writing.
 
 A killed SWMR file opens only read-only, so ``--resume`` copies its committed prompts into a fresh
-partial file (:meth:`RunWriter.copy_committed`) and continues there; see docs/store.md for why this
+partial file (:meth:`RunWriter.copy_committed`) and continues there; docs/store.md says why this
 was chosen over shards.
 """
 
@@ -33,6 +33,20 @@ CHUNK_BYTES_MAX = 1 << 20  # 1 MiB chunks, as recommended for HDF5 streaming wri
 CHUNK_BYTES_MIN = 64 << 10
 
 
+@dataclass(frozen=True)
+class TokenField:
+    """A per-token dataset ``<stream>/<name>`` of shape ``(tokens,)`` or ``(tokens, width)``."""
+
+    stream: str
+    name: str
+    dtype: str
+    width: int = 0
+
+    @property
+    def path(self) -> str:
+        return f"{self.stream}/{self.name}"
+
+
 @dataclass
 class BatchRecord:
     """Everything stored for one batch of prompts, already on the CPU in storage dtype."""
@@ -41,30 +55,34 @@ class BatchRecord:
     texts: list[str]
     metas: list[str]
     """Per-prompt metadata as JSON text."""
-    token_ids: list[np.ndarray]
-    str_tokens: list[list[str]]
-    acts: dict[str, np.ndarray]
+    tokens: dict[str, list[np.ndarray]]
+    """Per stream, the token ids of each prompt."""
+    str_tokens: dict[str, list[list[str]]]
+    n_input: list[int]
+    """Per prompt, how many tokens came from the prompt (the rest were generated)."""
+    acts: dict[str, np.ndarray] = field(default_factory=dict)
     """Per stored hook: token layout ``(batch_tokens, *feature_shape)``; square layout flat."""
     square_sizes: dict[str, list[int]] = field(default_factory=dict)
     """Per square hook: number of elements for each prompt of the batch."""
-    loss: np.ndarray | None = None
-    topk_ids: np.ndarray | None = None
-    topk_logprobs: np.ndarray | None = None
+    fields: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per :class:`TokenField` path, values for every token of the batch."""
 
     @property
     def n_tokens(self) -> int:
-        return int(sum(len(t) for t in self.token_ids))
+        return int(sum(len(t) for ids in self.tokens.values() for t in ids))
 
     def nbytes(self) -> int:
-        total = sum(a.nbytes for a in self.acts.values())
-        for extra in (self.loss, self.topk_ids, self.topk_logprobs):
-            if extra is not None:
-                total += extra.nbytes
-        return total + sum(t.nbytes for t in self.token_ids)
+        return (sum(a.nbytes for a in self.acts.values())
+                + sum(a.nbytes for a in self.fields.values())
+                + sum(t.nbytes for ids in self.tokens.values() for t in ids))
 
 
-def _chunk_rows(row_bytes: int, target: int) -> int:
-    return max(1, target // max(1, row_bytes))
+def _ends(start: int, sizes: list[int]) -> list[int]:
+    out, pos = [], start
+    for s in sizes:
+        pos += s
+        out.append(pos)
+    return out
 
 
 class RunWriter:
@@ -79,24 +97,25 @@ class RunWriter:
         hooks: list[S.HookSpec],
         planned_prompts: int,
         storage_dtype: str,
-        top_k: int,
-        has_lm_head: bool,
         compression: str | None,
         tool_version: str,
-        expected_tokens: int = 0,
+        streams: tuple[str, ...] = (S.MAIN,),
+        token_fields: tuple[TokenField, ...] = (),
+        expected_tokens: dict[str, int] | None = None,
         expected_elements: dict[str, int] | None = None,
     ) -> None:
         self.path = path
         self.hooks = hooks
+        self._hook = {h.name: h for h in hooks}
         self.storage_dtype = storage_dtype
-        self.top_k = top_k
-        self.has_lm_head = has_lm_head
+        self.streams = streams
+        self.token_fields = token_fields
         self.bytes_written = 0
         self.n_prompts = 0
-        self.n_tokens = 0
+        self.n_tokens: dict[str, int] = dict.fromkeys(streams, 0)
         self._elements: dict[str, int] = {}  # square hook -> elements written
         self._ragged_bytes: dict[str, int] = dict.fromkeys(S.RAGGED_BYTES, 0)
-        self._str_bytes = 0
+        self._str_bytes: dict[str, int] = dict.fromkeys(streams, 0)
         self._closed = False
         filters: dict[str, Any] = {}
         if compression == "gzip":
@@ -107,7 +126,7 @@ class RunWriter:
             raise ValueError(f"unknown compression {compression!r}")
         self._filters = filters
         # Chunks never larger than the data expected, so a small run is a small file.
-        self._expected_tokens = max(1, expected_tokens)
+        self._expected_tokens = {s: max(1, (expected_tokens or {}).get(s, 1)) for s in streams}
         self._expected_elements = expected_elements or {}
         # Chunks of at most 1 MiB, smaller when there are many hooks, so the chunk cache (one
         # partly filled chunk per dataset) stays bounded whatever is captured.
@@ -130,7 +149,7 @@ class RunWriter:
             expected_rows: int | None = None) -> h5py.Dataset:
         maxshape = (None, *shape[1:])
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-        rows = chunk_rows or _chunk_rows(row_bytes, self._chunk_target)
+        rows = chunk_rows or max(1, self._chunk_target // max(1, row_bytes))
         if expected_rows is not None:
             # The row count is known before writing: split it into equal chunks so the last one
             # is (nearly) full. HDF5 allocates whole chunks, and a run has one last chunk per
@@ -159,6 +178,7 @@ class RunWriter:
         f.attrs[S.ATTR_CREATED] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         f.attrs[S.ATTR_PLANNED] = int(planned)
         f.attrs["storage_dtype"] = self.storage_dtype
+        f.attrs["streams"] = ",".join(self.streams)
         for name, doc in (
             (S.META_MODEL, model_info),
             (S.META_SETTINGS, settings),
@@ -167,19 +187,21 @@ class RunWriter:
             raw = S.dumps(doc).encode("utf-8")
             # A fixed-length UTF-8 string: h5dump prints it as text.
             f.create_dataset(name, data=np.array(raw, dtype=h5py.string_dtype("utf-8", len(raw))))
-        self._offsets(S.TOKEN_OFFSETS, planned)
+        for stream in self.streams:
+            self._offsets(S.stream_offsets(stream), planned)
         for name in S.RAGGED_BYTES:
             self._ds(name, (0,), np.uint8, chunk_rows=64 << 10)
             self._offsets(S.offsets_name(name), planned)
-        n_tok = self._expected_tokens
-        self._ds(S.TOKEN_IDS, (0,), np.int32, chunk_rows=16384, expected_rows=n_tok)
-        self._ds(S.TOKEN_STR, (0,), np.uint8, chunk_rows=64 << 10, expected_rows=4 * n_tok)
-        self._offsets(S.TOKEN_STR_OFFSETS, n_tok)
-        if self.has_lm_head:
-            self._ds(S.TOKEN_LOSS, (0,), np.float32, chunk_rows=16384, expected_rows=n_tok)
-            self._ds(S.TOKEN_TOPK_IDS, (0, self.top_k), np.int32, chunk_rows=4096, expected_rows=n_tok)
-            self._ds(S.TOKEN_TOPK_LOGPROBS, (0, self.top_k), np.float32, chunk_rows=4096,
-                     expected_rows=n_tok)
+        self._ds(S.N_INPUT, (0,), np.int64, chunk_rows=4096, expected_rows=planned)
+        for stream in self.streams:
+            n_tok = self._expected_tokens[stream]
+            self._ds(S.ids_name(stream), (0,), np.int32, chunk_rows=16384, expected_rows=n_tok)
+            self._ds(S.str_name(stream), (0,), np.uint8, chunk_rows=64 << 10, expected_rows=4 * n_tok)
+            self._offsets(S.offsets_name(S.str_name(stream)), n_tok)
+        for tf in self.token_fields:
+            shape = (0, tf.width) if tf.width else (0,)
+            self._ds(tf.path, shape, tf.dtype, chunk_rows=4096 if tf.width else 16384,
+                     expected_rows=self._expected_tokens[tf.stream])
         acts = f.create_group(S.ACTS)
         f.create_group(S.ACTS_OFFSETS)
         for h in self.hooks:
@@ -191,9 +213,10 @@ class RunWriter:
                 self._elements[h.name] = 0
             else:
                 ds = self._ds(f"{S.ACTS}/{h.name}", (0, *h.feature_shape), dtype, compress=True,
-                              expected_rows=n_tok)
+                              expected_rows=self._expected_tokens[h.stream_of_rows()])
             ds.attrs["layout"] = h.layout
             ds.attrs["axes"] = ",".join(h.axes)
+            ds.attrs["streams"] = ",".join(h.streams)
             ds.attrs["encoding"] = "bfloat16" if (self.storage_dtype == "bfloat16" and h.kind == "float") else ""
             if h.aliases:
                 ds.attrs["aliases"] = ",".join(h.aliases)
@@ -201,124 +224,137 @@ class RunWriter:
 
     # --- appending ----------------------------------------------------------------------------
 
-    def _append(self, name: str, values: np.ndarray) -> h5py.Dataset:
+    def _put(self, name: str, start: int, values: np.ndarray) -> h5py.Dataset:
+        """Write ``values`` at row ``start`` and make the dataset end there. Every start is derived
+        from what is committed, so rows of a batch that failed before its commit are overwritten
+        by the next one instead of shifting it."""
         ds = self.f[name]
-        start = ds.shape[0]
+        ds.resize(start + len(values), axis=0)
         if len(values):
-            ds.resize(start + len(values), axis=0)
             ds[start:] = values
             self.bytes_written += values.nbytes
         return ds
 
-    def _append_offsets(self, name: str, ends: list[int]) -> h5py.Dataset:
-        return self._append(name, np.asarray(ends, dtype=np.int64))
+    def _put_offsets(self, name: str, committed_entries: int, ends: list[int]) -> h5py.Dataset:
+        return self._put(name, committed_entries, np.asarray(ends, dtype=np.int64))
+
+    def _act_start(self, h: S.HookSpec) -> int:
+        return self._elements[h.name] if h.layout == "square" else self.n_tokens[h.stream_of_rows()]
+
+    def write_act(self, name: str, values: np.ndarray) -> None:
+        """Write one hook's values for the batch being written (data only; committed by
+        :meth:`commit`). Lets the capture hand over each hook as soon as it fires."""
+        self._put(f"{S.ACTS}/{name}", self._act_start(self._hook[name]), values)
 
     def append(self, batch: BatchRecord) -> None:
         """Write one batch and commit it (see the module docstring for the order)."""
-        n = len(batch.texts)
-        data_sets = []
+        for name, values in batch.acts.items():
+            self.write_act(name, values)
+        self.commit(batch)
+
+    def commit(self, batch: BatchRecord) -> None:
+        """Write the batch's tokens and per-token fields, then flush, then commit: its
+        activations must already be written (by :meth:`write_act` or :meth:`append`)."""
+        data_sets: list[h5py.Dataset] = []
         # 1. data
         ragged_ends: dict[str, list[int]] = {}
         for name, items in ((S.PROMPT_TEXT, batch.texts), (S.PROMPT_ID, batch.prompt_ids),
                             (S.PROMPT_META, batch.metas)):
             encoded = [s.encode("utf-8") for s in items]
-            ends, pos = [], self._ragged_bytes[name]
-            for e in encoded:
-                pos += len(e)
-                ends.append(pos)
-            ragged_ends[name] = ends
-            self._ragged_bytes[name] = pos
-            data_sets.append(self._append(name, np.frombuffer(b"".join(encoded), np.uint8)))
-        token_ids = np.concatenate(batch.token_ids).astype(np.int32)
-        data_sets.append(self._append(S.TOKEN_IDS, token_ids))
-        str_ends, pieces, pos = [], [], self._str_bytes
-        for toks in batch.str_tokens:
-            for t in toks:
-                b = t.encode("utf-8", errors="surrogatepass")
-                pieces.append(b)
-                pos += len(b)
-                str_ends.append(pos)
-        self._str_bytes = pos
-        data_sets.append(self._append(S.TOKEN_STR, np.frombuffer(b"".join(pieces), np.uint8)))
-        if self.has_lm_head:
-            assert batch.loss is not None and batch.topk_ids is not None
-            assert batch.topk_logprobs is not None
-            data_sets.append(self._append(S.TOKEN_LOSS, batch.loss))
-            data_sets.append(self._append(S.TOKEN_TOPK_IDS, batch.topk_ids))
-            data_sets.append(self._append(S.TOKEN_TOPK_LOGPROBS, batch.topk_logprobs))
-        for h in self.hooks:
-            data_sets.append(self._append(f"{S.ACTS}/{h.name}", batch.acts[h.name]))
+            ragged_ends[name] = _ends(self._ragged_bytes[name], [len(e) for e in encoded])
+            data_sets.append(self._put(name, self._ragged_bytes[name],
+                                       np.frombuffer(b"".join(encoded), np.uint8)))
+        data_sets.append(self._put(S.N_INPUT, self.n_prompts, np.asarray(batch.n_input, dtype=np.int64)))
+        str_ends: dict[str, list[int]] = {}
+        for stream in self.streams:
+            data_sets.append(self._put(S.ids_name(stream), self.n_tokens[stream],
+                                       np.concatenate(batch.tokens[stream]).astype(np.int32)))
+            pieces = [t.encode("utf-8", errors="surrogatepass")
+                      for toks in batch.str_tokens[stream] for t in toks]
+            str_ends[stream] = _ends(self._str_bytes[stream], [len(p) for p in pieces])
+            data_sets.append(self._put(S.str_name(stream), self._str_bytes[stream],
+                                       np.frombuffer(b"".join(pieces), np.uint8)))
+        for tf in self.token_fields:
+            data_sets.append(self._put(tf.path, self.n_tokens[tf.stream], batch.fields[tf.path]))
+        data_sets += [self.f[f"{S.ACTS}/{h.name}"] for h in self.hooks]
         for ds in data_sets:
             ds.flush()
         # 2. per-field offsets
+        per_prompt = self.n_prompts + 1  # committed entries of every per-prompt offsets dataset
         offset_sets = []
         for name, ends in ragged_ends.items():
-            offset_sets.append(self._append_offsets(S.offsets_name(name), ends))
-        offset_sets.append(self._append_offsets(S.TOKEN_STR_OFFSETS, str_ends))
-        for h in self.hooks:
-            if h.layout == "square":
-                ends, pos = [], self._elements[h.name]
-                for size in batch.square_sizes[h.name]:
-                    pos += size
-                    ends.append(pos)
-                self._elements[h.name] = pos
-                offset_sets.append(self._append_offsets(f"{S.ACTS_OFFSETS}/{h.name}", ends))
+            offset_sets.append(self._put_offsets(S.offsets_name(name), per_prompt, ends))
+        token_ends: dict[str, list[int]] = {}
+        for stream in self.streams:
+            offset_sets.append(self._put_offsets(S.offsets_name(S.str_name(stream)),
+                                                 self.n_tokens[stream] + 1, str_ends[stream]))
+            token_ends[stream] = _ends(self.n_tokens[stream], [len(t) for t in batch.tokens[stream]])
+            if stream != S.MAIN:
+                offset_sets.append(self._put_offsets(S.stream_offsets(stream), per_prompt,
+                                                     token_ends[stream]))
+        square_ends = {h.name: _ends(self._elements[h.name], batch.square_sizes[h.name])
+                       for h in self.hooks if h.layout == "square"}
+        for name, ends in square_ends.items():
+            offset_sets.append(self._put_offsets(f"{S.ACTS_OFFSETS}/{name}", per_prompt, ends))
         for ds in offset_sets:
             ds.flush()
-        # 3. the commit marker
-        token_ends, pos = [], self.n_tokens
-        for ids in batch.token_ids:
-            pos += len(ids)
-            token_ends.append(pos)
-        self._append_offsets(S.TOKEN_OFFSETS, token_ends).flush()
-        self.n_tokens = pos
-        self.n_prompts += n
+        # 3. the commit marker; then the cursors move past the committed batch
+        self._put_offsets(S.TOKEN_OFFSETS, per_prompt, token_ends[S.MAIN]).flush()
+        for name, ends in ragged_ends.items():
+            self._ragged_bytes[name] = ends[-1]
+        for stream in self.streams:
+            self.n_tokens[stream] = token_ends[stream][-1]
+            if str_ends[stream]:
+                self._str_bytes[stream] = str_ends[stream][-1]
+        for name, ends in square_ends.items():
+            self._elements[name] = ends[-1]
+        self.n_prompts += len(batch.texts)
 
     # --- resume ------------------------------------------------------------------------------
 
     def copy_committed(self, old: h5py.File, n_prompts: int, step_bytes: int = 64 << 20) -> None:
         """Copy the first ``n_prompts`` committed prompts of ``old`` (a run opened read-only) into
-        this (empty) file, committing them with the same ordering rules as :meth:`append`."""
+        this (empty) file, committing them with the same ordering rules as :meth:`commit`."""
         if n_prompts == 0:
             return
-        tok_off = old[S.TOKEN_OFFSETS][: n_prompts + 1]
-        n_tokens = int(tok_off[-1])
+        tokens = {s: int(old[S.stream_offsets(s)][n_prompts]) for s in self.streams}
         plan: list[tuple[str, int]] = []  # (data dataset, rows to copy)
         offsets_plan: list[tuple[str, int]] = []  # (offsets dataset, entries to copy)
         for name in S.RAGGED_BYTES:
-            ends = old[S.offsets_name(name)][: n_prompts + 1]
-            plan.append((name, int(ends[-1])))
+            plan.append((name, int(old[S.offsets_name(name)][n_prompts])))
             offsets_plan.append((S.offsets_name(name), n_prompts + 1))
-        plan.append((S.TOKEN_IDS, n_tokens))
-        str_ends = old[S.TOKEN_STR_OFFSETS][: n_tokens + 1]
-        plan.append((S.TOKEN_STR, int(str_ends[-1])))
-        offsets_plan.append((S.TOKEN_STR_OFFSETS, n_tokens + 1))
-        if self.has_lm_head:
-            plan += [(S.TOKEN_LOSS, n_tokens), (S.TOKEN_TOPK_IDS, n_tokens),
-                     (S.TOKEN_TOPK_LOGPROBS, n_tokens)]
+        plan.append((S.N_INPUT, n_prompts))
+        for stream in self.streams:
+            str_offsets = S.offsets_name(S.str_name(stream))
+            plan.append((S.ids_name(stream), tokens[stream]))
+            plan.append((S.str_name(stream), int(old[str_offsets][tokens[stream]])))
+            offsets_plan.append((str_offsets, tokens[stream] + 1))
+            if stream != S.MAIN:
+                offsets_plan.append((S.stream_offsets(stream), n_prompts + 1))
+        plan += [(tf.path, tokens[tf.stream]) for tf in self.token_fields]
         for h in self.hooks:
             if h.layout == "square":
-                ends = old[f"{S.ACTS_OFFSETS}/{h.name}"][: n_prompts + 1]
-                plan.append((f"{S.ACTS}/{h.name}", int(ends[-1])))
+                ends = int(old[f"{S.ACTS_OFFSETS}/{h.name}"][n_prompts])
+                plan.append((f"{S.ACTS}/{h.name}", ends))
                 offsets_plan.append((f"{S.ACTS_OFFSETS}/{h.name}", n_prompts + 1))
-                self._elements[h.name] = int(ends[-1])
+                self._elements[h.name] = ends
             else:
-                plan.append((f"{S.ACTS}/{h.name}", n_tokens))
+                plan.append((f"{S.ACTS}/{h.name}", tokens[h.stream_of_rows()]))
         for name, rows in plan:
             src = old[name]
             row_bytes = max(1, src.dtype.itemsize * int(np.prod(src.shape[1:], dtype=np.int64)))
             step = max(1, step_bytes // row_bytes)
             for start in range(0, rows, step):
-                self._append(name, src[start : min(rows, start + step)])
+                self._put(name, start, src[start : min(rows, start + step)])
             self.f[name].flush()
         for name, entries in offsets_plan:
-            # offsets[0] = 0 is already there
-            self._append(name, old[name][1:entries]).flush()
-        self._append(S.TOKEN_OFFSETS, tok_off[1:]).flush()
+            self._put(name, 1, old[name][1:entries]).flush()  # offsets[0] = 0 is already there
+        self._put(S.TOKEN_OFFSETS, 1, old[S.TOKEN_OFFSETS][1 : n_prompts + 1]).flush()
         for name in S.RAGGED_BYTES:
             self._ragged_bytes[name] = int(old[S.offsets_name(name)][n_prompts])
-        self._str_bytes = int(str_ends[-1])
-        self.n_tokens = n_tokens
+        for stream in self.streams:
+            self._str_bytes[stream] = int(old[S.offsets_name(S.str_name(stream))][tokens[stream]])
+        self.n_tokens = tokens
         self.n_prompts = n_prompts
 
     def move_to(self, path: Path) -> None:
