@@ -82,6 +82,9 @@ class ModelInfo:
     n_hook_names: int
     provenance: Provenance
     description: str = ""
+    tl_config: dict[str, Any] = field(default_factory=dict)
+    """TransformerLens' config of the bridge (plain values only), with the shapes above written
+    over it; enough for a TransformerLens ``ActivationCache`` built from a stored run."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -270,6 +273,16 @@ class Model:
         n_heads = probed.get("n_heads", int(cfg.n_heads))
         d_mlp = probed.get("d_mlp", getattr(cfg, "d_mlp", None))
         dtype = str(next(self.bridge.original_model.parameters()).dtype).removeprefix("torch.")
+        raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+        tl_config = {k: v for k, v in raw.items()
+                     if isinstance(v, (int, float, str, bool, type(None)))
+                     and k not in ("device", "model_name", "tokenizer_name")}
+        tl_config.update(
+            n_layers=n_layers, n_heads=n_heads, d_vocab=probed["d_vocab"],
+            **{k: probed[p] for k, p in (("d_model", "d_model"), ("d_head", "d_head"),
+                                         ("d_mlp", "d_mlp"), ("n_key_value_heads", "n_kv_heads"))
+               if p in probed},
+        )
         return ModelInfo(
             name=self.name,
             family=self.family,
@@ -298,6 +311,7 @@ class Model:
             n_hook_names=len(names),
             provenance=self.provenance,
             description=self.source.description,
+            tl_config=tl_config,
         )
 
     def _require_lm_head(self) -> None:
