@@ -100,7 +100,7 @@ def test_encoder_decoder_equals_run_with_cache(t5_run, tiny_models):
 
 
 def test_each_axis_knows_its_tokens(t5_run):
-    rows, run = t5_run
+    _, run = t5_run
     i = 2
     n_enc, n_dec = run.n_tokens(i), run.n_tokens(i, "dec_tokens")
     cross = "decoder_blocks.1.cross_attn.hook_pattern"

@@ -21,6 +21,7 @@ tokens), which tells the batch axis, each positional axis and the token stream i
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,6 +76,7 @@ GATE_SETTERS = {
 }
 
 
+@functools.lru_cache(maxsize=256)
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
     """``*`` within one dot-separated segment, ``**`` across segments, ``?`` one character."""
     out = []
@@ -128,7 +130,8 @@ def select(model: Model, items: list[str] | tuple[str, ...]) -> Selection:
         if not item or not item.strip():
             raise UserError("empty hook pattern")
         if item in PRESETS:
-            matched = [n for p in PRESETS[item][1] for n in all_names if glob_to_regex(p).match(n)]
+            regexes = [glob_to_regex(p) for p in PRESETS[item][1]]
+            matched = [n for rx in regexes for n in all_names if rx.match(n)]
             matched = [n for n in matched if bridge._gated_hook_reason(n) is None]
             if not matched:
                 raise UserError(f"preset {item!r} matches no hook of {model.name}")

@@ -431,18 +431,30 @@ def run_batch(plan: CapturePlan, indices: list[int],
     )
     sink = on_act if on_act is not None else record.acts.__setitem__
     fired: set[str] = set()
+    # Real (unpadded) rows of each stream in a (batch * width) flattening: one index_select per
+    # hook gathers them. Where no padding is to be removed (all lengths equal, e.g. batch size 1)
+    # the hooked tensor itself is handed over, without a copy, and the reference keeps it alive
+    # until written. Like TransformerLens' own cache, this relies on the model not changing a
+    # hooked activation in place afterwards; the oracle tests would catch one that did.
+    rows = {s: _real_rows(lengths[s], max(lengths[s]), model.device) for s in seqs}
+    unpadded = {s: len(set(v)) == 1 for s, v in lengths.items()}
 
     def make(spec: S.HookSpec):  # type: ignore[no-untyped-def]
         def fn(t: Any, hook: Any) -> None:
             if spec.layout == "square":
                 q, k = spec.square_streams()
-                parts = [t[b, :, :nq, :nk].reshape(-1)
-                         for b, (nq, nk) in enumerate(zip(lengths[q], lengths[k]))]
-                record.square_sizes[spec.name] = [p.numel() for p in parts]
+                record.square_sizes[spec.name] = [
+                    t.shape[1] * nq * nk for nq, nk in zip(lengths[q], lengths[k])]
+                if unpadded[q] and unpadded[k]:
+                    values = t.reshape(-1)
+                else:
+                    values = torch.cat([t[b, :, :nq, :nk].reshape(-1)
+                                        for b, (nq, nk) in enumerate(zip(lengths[q], lengths[k]))])
+            elif unpadded[spec.stream_of_rows()]:
+                values = t.flatten(0, 1)
             else:
-                parts = [t[b, :n] for b, n in enumerate(lengths[spec.stream_of_rows()])]
-            # torch.cat copies, so later in-place changes by the model cannot alter what is stored.
-            sink(spec.name, _to_storage(torch.cat(parts), plan.storage_dtype, spec.name))
+                values = t.flatten(0, 1).index_select(0, rows[spec.stream_of_rows()])
+            sink(spec.name, _to_storage(values, plan.storage_dtype, spec.name))
             fired.add(spec.name)
 
         return fn
@@ -454,7 +466,8 @@ def run_batch(plan: CapturePlan, indices: list[int],
         if missing:
             raise RuntimeError(f"hooks did not fire during capture: {missing}")
         if plan.has_lm_outputs:
-            record.fields.update(_lm_outputs(plan, logits, seqs, indices))
+            lm_rows = None if unpadded[plan.lm_stream] else rows[plan.lm_stream]
+            record.fields.update(_lm_outputs(plan, logits, seqs, indices, lm_rows))
     if gen_stats is not None:
         for name in S.GEN_FIELDS:
             values = [np.concatenate([np.full(lengths[S.MAIN][r] - len(s[name]), np.nan, np.float32),
@@ -463,44 +476,58 @@ def run_batch(plan: CapturePlan, indices: list[int],
     return record
 
 
+def _real_rows(lengths: list[int], width: int, device: str) -> Any:
+    """Flat indices of the real positions of a right-padded (batch, width) block."""
+    import torch
+
+    return torch.cat([torch.arange(n) + b * width for b, n in enumerate(lengths)]).to(device)
+
+
 def _lm_outputs(plan: CapturePlan, logits: Any, seqs: dict[str, list[list[int]]],
-                indices: list[int]) -> dict[str, np.ndarray]:
-    """Per-token loss and top-k log-probabilities on the LM stream, from the batch's logits:
+                indices: list[int], rows: Any | None) -> dict[str, np.ndarray]:
+    """Per-token loss and top-k log-probabilities on the LM stream, for the whole batch at once:
     ``log p = logit - logsumexp(logits)`` without materialising a vocabulary-sized log-softmax."""
     import torch
 
     lm = plan.lm_stream
-    losses, tids, tlps, tgts = [], [], [], []
-    for b, seq in enumerate(seqs[lm]):
-        n = len(seq)
-        x = logits[b, :n].float()
-        lse = torch.logsumexp(x, dim=-1)
-        if plan.lm_target == "same":
-            target = torch.tensor(seq, dtype=torch.long, device=x.device)
-        elif plan.family == "encoder-decoder":
-            assert plan.targets is not None
-            target = torch.tensor(plan.targets[indices[b]], dtype=torch.long, device=x.device)
-            tgts.append(target.to(torch.int32).cpu())
-        else:  # next token; none after the last position
-            target = torch.tensor([*seq[1:], -1], dtype=torch.long, device=x.device)
-        valid = target >= 0
-        picked = x.gather(-1, target.clamp(min=0)[:, None])[:, 0]
-        nll = torch.where(valid, lse - picked, torch.full_like(lse, float("nan")))
-        top = torch.topk(x, k=min(plan.predictions, x.shape[-1]), dim=-1)
-        losses.append(nll.cpu())
-        tids.append(top.indices.to(torch.int32).cpu())
-        tlps.append((top.values - lse[:, None]).cpu())
+    x = logits.flatten(0, 1)  # (tokens, vocab); rows selects the real ones when there is padding
+    if rows is not None:
+        x = x.index_select(0, rows)
+    x = x.float()
+    if plan.lm_target == "same":
+        targets = [t for seq in seqs[lm] for t in seq]
+    elif plan.family == "encoder-decoder":
+        assert plan.targets is not None
+        targets = [t for i in indices for t in plan.targets[i]]
+    else:  # the next token; none after each prompt's last position
+        targets = [t for seq in seqs[lm] for t in (*seq[1:], -1)]
+    target = torch.tensor(targets, dtype=torch.long, device=x.device)
+    lse = torch.logsumexp(x, dim=-1)
+    picked = x.gather(-1, target.clamp(min=0)[:, None])[:, 0]
+    nll = torch.where(target >= 0, lse - picked, torch.full_like(lse, float("nan")))
+    top = torch.topk(x, k=min(plan.predictions, x.shape[-1]), dim=-1)
     out = {
-        f"{lm}/{S.LOSS}": torch.cat(losses).numpy(),
-        f"{lm}/{S.TOPK_IDS}": torch.cat(tids).numpy(),
-        f"{lm}/{S.TOPK_LOGPROBS}": torch.cat(tlps).numpy(),
+        f"{lm}/{S.LOSS}": nll.cpu().numpy(),
+        f"{lm}/{S.TOPK_IDS}": top.indices.to(torch.int32).cpu().numpy(),
+        f"{lm}/{S.TOPK_LOGPROBS}": (top.values - lse[:, None]).cpu().numpy(),
     }
-    if tgts:
-        out[f"{lm}/{S.TARGET}"] = torch.cat(tgts).numpy()
+    if plan.family == "encoder-decoder":
+        out[f"{lm}/{S.TARGET}"] = target.to(torch.int32).cpu().numpy()
     return out
 
 
 # --- the writer thread ---------------------------------------------------------------------
+
+
+def _lower_priority(niceness: int = 10) -> None:
+    """Make the calling thread yield the CPU to the forward pass. torch's intra-op threads wait
+    for one another at the end of every parallel region, so a writer competing with them for a
+    core stalls whole operations; at a lower priority it runs in their gaps instead (Linux sets
+    niceness per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass
 
 
 class _WriterThread(threading.Thread):
@@ -518,6 +545,7 @@ class _WriterThread(threading.Thread):
         self.cond = threading.Condition()
 
     def run(self) -> None:
+        _lower_priority()
         while True:
             item = self.queue.get()
             if item is None:
@@ -726,6 +754,7 @@ def _execute(plan: CapturePlan, final: Path, settings: dict[str, Any], *, resume
             storage_dtype=plan.storage_dtype, compression=plan.compression,
             tool_version=__version__, streams=plan.streams, token_fields=plan.token_fields(),
             expected_tokens=plan.tokens_per_stream(),
+            expected_batches=-(-len(plan.prompts) // plan.batch_size),
             expected_elements={h.name: sum(h.elements_for(plan.lengths(i)) for i in range(len(plan.prompts)))
                                for h in plan.hooks.specs if h.layout == "square"},
         )
