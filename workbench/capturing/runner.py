@@ -486,33 +486,42 @@ def _real_rows(lengths: list[int], width: int, device: str) -> Any:
 def _lm_outputs(plan: CapturePlan, logits: Any, seqs: dict[str, list[list[int]]],
                 indices: list[int], rows: Any | None) -> dict[str, np.ndarray]:
     """Per-token loss and top-k log-probabilities on the LM stream, for the whole batch at once:
-    ``log p = logit - logsumexp(logits)`` without materialising a vocabulary-sized log-softmax."""
+    ``log p = logit - logsumexp(logits)``. The reductions run over the padded logits in place
+    (no copy of a vocabulary-sized tensor, no full log-softmax); ``rows`` then picks the real
+    positions out of the small results."""
     import torch
 
     lm = plan.lm_stream
-    x = logits.flatten(0, 1)  # (tokens, vocab); rows selects the real ones when there is padding
-    if rows is not None:
-        x = x.index_select(0, rows)
-    x = x.float()
-    if plan.lm_target == "same":
-        targets = [t for seq in seqs[lm] for t in seq]
-    elif plan.family == "encoder-decoder":
-        assert plan.targets is not None
-        targets = [t for i in indices for t in plan.targets[i]]
-    else:  # the next token; none after each prompt's last position
-        targets = [t for seq in seqs[lm] for t in (*seq[1:], -1)]
-    target = torch.tensor(targets, dtype=torch.long, device=x.device)
+    batch, width = logits.shape[0], logits.shape[1]
+    target = torch.full((batch, width), -1, dtype=torch.long)
+    for b, seq in enumerate(seqs[lm]):
+        if plan.lm_target == "same":
+            t = seq
+        elif plan.family == "encoder-decoder":
+            assert plan.targets is not None
+            t = plan.targets[indices[b]]
+        else:  # the next token; none after the prompt's last position
+            t = seq[1:]
+        target[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+    target = target.to(logits.device)
+    x = logits if logits.dtype == torch.float32 else logits.float()
     lse = torch.logsumexp(x, dim=-1)
-    picked = x.gather(-1, target.clamp(min=0)[:, None])[:, 0]
+    picked = x.gather(-1, target.clamp(min=0)[..., None])[..., 0]
     nll = torch.where(target >= 0, lse - picked, torch.full_like(lse, float("nan")))
     top = torch.topk(x, k=min(plan.predictions, x.shape[-1]), dim=-1)
+    top_lp = top.values - lse[..., None]
+
+    def real(v: Any) -> Any:
+        flat = v.flatten(0, 1)
+        return (flat if rows is None else flat.index_select(0, rows)).cpu().numpy()
+
     out = {
-        f"{lm}/{S.LOSS}": nll.cpu().numpy(),
-        f"{lm}/{S.TOPK_IDS}": top.indices.to(torch.int32).cpu().numpy(),
-        f"{lm}/{S.TOPK_LOGPROBS}": (top.values - lse[:, None]).cpu().numpy(),
+        f"{lm}/{S.LOSS}": real(nll),
+        f"{lm}/{S.TOPK_IDS}": real(top.indices.to(torch.int32)),
+        f"{lm}/{S.TOPK_LOGPROBS}": real(top_lp),
     }
     if plan.family == "encoder-decoder":
-        out[f"{lm}/{S.TARGET}"] = target.to(torch.int32).cpu().numpy()
+        out[f"{lm}/{S.TARGET}"] = real(target.to(torch.int32))
     return out
 
 

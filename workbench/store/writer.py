@@ -192,10 +192,11 @@ class RunWriter:
             n_chunks = -(-expected_rows // max(1, rows))
             rows = -(-expected_rows // n_chunks)
         chunk_bytes = rows * row_bytes
-        # Writes smaller than a chunk keep that chunk cached until it fills. Writes spanning
-        # whole chunks bypass the cache: HDF5 writes a chunk larger than its cache straight to
-        # the file, which is twice as fast as copying it through the cache.
-        if per_batch < chunk_bytes <= self._cache_each:
+        # A batch's write covers about one chunk and straddles two, so the partly filled chunk
+        # stays cached until the next batch completes it. Writes spanning several whole chunks
+        # (only with 4 MiB chunks) bypass the cache: HDF5 writes a chunk larger than its cache
+        # straight to the file, twice as fast as copying it through the cache.
+        if per_batch < 4 * chunk_bytes and chunk_bytes <= self._cache_each:
             cache = chunk_bytes + 1
         else:
             cache = max(1, min(chunk_bytes // 2, CHUNK_BYTES_MIN))
