@@ -275,6 +275,12 @@ def report(results, small, disk: float, repeats: int, ratios, rounds) -> str:
          + (": on this machine case (b) is compute-bound, so end to end capture cannot reach the "
             "disk's speed; the store-only row is the write path's own speed."
             if b_fwd > b_cap["bytes"] / 1e6 / disk else ".")),
+        *([("  The store-only run closes with fsync, so it exceeding the disk figure means the virtual "
+           "disk's speed varies between the two measurements (the disk figure is one 1 GiB sample).")]
+          if store_speed > disk else []),
+        ("- Where (a)'s extra time goes: capture also computes per-token loss and the top-k "
+         "predictions over the whole vocabulary, probes the hooks once (two tiny forward passes), and "
+         "converts and writes in a thread that shares the machine's cores with torch's own threads."),
         (f"- Peak RSS of capture: {small['peak_rss_mb']:.0f} MB for {CASES['a-small'][2]} prompts, "
         f"{a_cap['peak_rss_mb']:.0f} MB for {CASES['a'][2]} (TransformerLens' in-memory cache: "
         f"{results['a', 'run_with_cache']['peak_rss_mb']:.0f} MB for {CASES['a'][2]}); "
