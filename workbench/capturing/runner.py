@@ -544,12 +544,12 @@ class _WriterThread(threading.Thread):
     batch's tokens follow (``put_commit``). The queue is bounded in bytes, so a slow disk holds
     the forward pass back instead of filling memory."""
 
-    def __init__(self, writer: RunWriter, budget: int = WRITE_BUDGET) -> None:
+    def __init__(self, writer: RunWriter, budget: int | None = None) -> None:
         super().__init__(name="workbench-writer", daemon=True)
         self.writer = writer
         self.queue: queue.Queue[tuple[str, Any, Any] | None] = queue.Queue()
         self.error: BaseException | None = None
-        self.budget = budget
+        self.budget = WRITE_BUDGET if budget is None else budget
         self.pending = 0
         self.cond = threading.Condition()
 
