@@ -36,3 +36,15 @@ def smollm2():
     import workbench
 
     return workbench.load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins(monkeypatch):
+    """Each test starts with the plugin environment unset and a freshly built plugin manager."""
+    from workbench.plugins import DIR_ENV, ONLY_ENV, STRICT_ENV, reset_plugin_manager
+
+    for var in (DIR_ENV, ONLY_ENV, STRICT_ENV):
+        monkeypatch.delenv(var, raising=False)
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()

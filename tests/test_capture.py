@@ -268,7 +268,6 @@ def test_prompt_longer_than_context(tmp_path, llama, capsys):
     (["blocks.*.hook_resid"], "matches no hook of tiny-llama; close: blocks.*.hook_resid_"),
     (["blocks.9.hook_resid_post"], "layer 9 .* out of range: tiny-llama has layers 0-1"),
     (["rotary_emb.hook_cos"], "holds no value per prompt"),
-    ([], "no hooks requested"),
 ])
 def test_bad_hooks_are_user_errors(tmp_path, llama, hooks, message):
     with pytest.raises(UserError, match=message):

@@ -112,7 +112,7 @@ def test_a_failing_plugin_is_reported_and_the_rest_still_register(capsys, monkey
     pm.register(Broken(), name="broken")
     registry = build_registry(pm)
     assert registry.get("smollm2-135m") is not None
-    assert "plugin 'broken' failed in register_models (RuntimeError: boom)" in capsys.readouterr().err
+    assert "plugin 'broken': failed in register_models (RuntimeError: boom)" in capsys.readouterr().err
     monkeypatch.setenv("WORKBENCH_STRICT_PLUGINS", "1")
     with pytest.raises(RuntimeError, match="boom"):
         build_registry(pm)

@@ -17,21 +17,28 @@ from workbench.hookspecs import hookimpl
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from workbench.analysis import Analysis, AnalysisContext, Param, Result
     from workbench.capturing import Prompt, capture
     from workbench.models import DEFAULT_MODEL, ModelSource, Provenance, load_model
     from workbench.models.model import Model, ModelInfo, Prediction
     from workbench.store import Run, open_run
+    from workbench.views import View
 
 __all__ = [
     "DEFAULT_MODEL",
+    "Analysis",
+    "AnalysisContext",
     "Model",
     "ModelInfo",
     "ModelSource",
+    "Param",
     "Prediction",
     "Prompt",
     "Provenance",
+    "Result",
     "Run",
     "UserError",
+    "View",
     "__version__",
     "capture",
     "hookimpl",
@@ -40,6 +47,11 @@ __all__ = [
 ]
 
 _LAZY = {
+    "Analysis": "workbench.analysis",
+    "AnalysisContext": "workbench.analysis",
+    "Param": "workbench.analysis",
+    "Result": "workbench.analysis",
+    "View": "workbench.views",
     "load_model": "workbench.models",
     "DEFAULT_MODEL": "workbench.models",
     "ModelSource": "workbench.models",

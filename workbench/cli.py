@@ -83,11 +83,19 @@ def model_option(f: Any) -> Any:
 
 @click.group(cls=WorkbenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="workbench")
+@click.option("--plugins-dir", "plugins_dirs", multiple=True, metavar="DIR", expose_value=False,
+              is_eager=True, type=click.Path(file_okay=False),
+              help="Also load every .py file in DIR as a plugin (repeatable; also "
+                   "$WORKBENCH_PLUGINS_DIR).")
 def cli() -> None:
     """workbench: an interpretability workbench for transformer language models.
 
-    Load models through TransformerLens, look at their tokens and predictions. The default model
-    (SmolLM2-135M-Instruct) ships inside a Python package and works offline.
+    Load models through TransformerLens, capture their activations into HDF5 runs, and analyse
+    the runs with plugins. The default model (SmolLM2-135M-Instruct) ships inside a Python
+    package and works offline.
+
+    Plugins: the 'workbench' entry-point group and --plugins-dir; $WORKBENCH_PLUGINS=a,b loads
+    only those; WORKBENCH_STRICT_PLUGINS=1 makes any plugin failure an error.
     """
 
 
@@ -279,8 +287,9 @@ def predict_cmd(prompts: tuple[str, ...], model_name: str, device: str, bos: str
 @click.option("-o", "--out", default="runs/demo.h5", show_default=True, type=click.Path(dir_okay=False),
               help="Run file the demo writes (replaced on every run).")
 def demo_cmd(model_name: str, device: str, bos: str | None, out: str) -> None:
-    """The main job: capture sample prompts with the default model into a run, then read the
-    predictions back from the run (without the model) and summarise it."""
+    """The main job: capture sample prompts with the default model into a run, read the
+    predictions back from the run (without the model), and run the analyses whose inputs the run
+    holds, storing their results beside it."""
     from pathlib import Path
 
     import numpy as np
@@ -314,10 +323,20 @@ def demo_cmd(model_name: str, device: str, bos: str | None, out: str) -> None:
             if answer is not None:
                 rank = [t.token for t in top].index(answer) + 1 if answer in [t.token for t in top] else None
                 console.print(f"expected {answer!r}: " + (f"rank {rank}" if rank else "not in the top 5"))
+        from workbench.analysis import analyze, build_analyses, missing_inputs
+
+        chosen = [a for a in build_analyses() if not missing_inputs(run, a)]
+        for o in analyze(run, chosen, model=model):
+            console.print(f"\n[bold]analysis {o.analysis.name}[/]: {o.analysis.description}")
+            if o.ok:
+                console.print(o.analysis.text(o.stored.result()), markup=False, highlight=False)
+            else:
+                console.print(f"failed: {o.stored.error}", markup=False)
         console.print(f"\n[bold]run[/] {path}: {len(run)} prompts, {run.n_tokens_total()} tokens, "
                       f"{len(run.hooks)} stored tensors ({len(run.hook_names)} hook names), "
-                      f"{run.size_bytes() / 1e6:.1f} MB. Explore it with "
-                      f"'workbench inspect {path}' or workbench.open_run('{path}').")
+                      f"{run.size_bytes() / 1e6:.1f} MB; analysis results in {path}.results/. "
+                      f"Explore it with 'workbench inspect {path}', 'workbench analyze {path}' or "
+                      f"workbench.open_run('{path}').")
 
 
 # --- capture / inspect -----------------------------------------------------------------------------
@@ -364,12 +383,16 @@ PRESET_HELP = (
 @click.option("--resume", is_flag=True, help="Continue an interrupted capture (same prompts and settings).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved hooks and the size estimate; write nothing.")
 @click.option("--list-presets", is_flag=True, help="List the hook presets and exit.")
+@click.option("--for", "for_analyses", multiple=True, metavar="ANALYSIS",
+              help="Also capture what ANALYSIS needs (repeatable; 'workbench analyze --list'). "
+                   "Without --hooks, only that.")
 def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tuple[str, ...],
                 prompts_file: str | None, hook_items: tuple[str, ...], out: str | None,
                 batch_size: int, storage_dtype: str, compression: str, predictions: int,
                 generate: int, temperature: float, sample_top_k: int | None,
                 sample_top_p: float | None, seed: int | None, truncate: bool,
-                overwrite: bool, resume: bool, dry_run: bool, list_presets: bool) -> None:
+                overwrite: bool, resume: bool, dry_run: bool, list_presets: bool,
+                for_analyses: tuple[str, ...]) -> None:
     """Run MODEL over prompts and record activations into an HDF5 run.
 
     Also stored for every prompt: token ids and strings, per-token loss, the top-k next-token
@@ -404,9 +427,25 @@ def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tup
     if not generate and (sample_top_k is not None or sample_top_p is not None or seed is not None
                          or temperature != 1.0):
         raise UserError("--temperature, --top-k, --top-p and --seed shape --generate N; give N")
+    hooks = list(hook_items)
+    wanted = []
+    if for_analyses:
+        from workbench.analysis import build_analyses, capture_hooks_for
+
+        registry = build_analyses()
+        wanted = [registry.get(n) for n in for_analyses]
+        hooks += [h for h in capture_hooks_for(wanted) if h not in hooks]
+    elif not hooks:
+        hooks = ["residual"]
     model = _load(model_name, device, bos)
+    for a in wanted:
+        if model.family not in a.families:
+            raise UserError(f"analysis {a.name!r} works on {' or '.join(a.families)} models, "
+                            f"not on {model.name} ({model.family})")
+        if a.needs_lm_outputs and not model.info.has_lm_head:
+            raise UserError(f"analysis {a.name!r} needs LM outputs; {model.name} has no LM head")
     result = capture(
-        model, prompts, hooks=list(hook_items) or ["residual"], out=out, batch_size=batch_size,
+        model, prompts, hooks=hooks, out=out, batch_size=batch_size,
         dtype=storage_dtype, compression=compression, predictions=predictions, truncate=truncate,
         generate=generate, temperature=temperature, top_k=sample_top_k, top_p=sample_top_p,
         seed=seed, overwrite=overwrite, resume=resume, dry_run=dry_run,
@@ -441,6 +480,7 @@ def inspect_cmd(run_path: str, as_json: bool, n_show: int) -> None:
 
     with open_run(run_path) as run:
         summary = run.summary(n_show)
+        summary["results"] = [r.record(run) for r in run.results()]
         if as_json:
             click.echo(json.dumps(summary, indent=2))
             return
@@ -466,6 +506,152 @@ def inspect_cmd(run_path: str, as_json: bool, n_show: int) -> None:
             click.echo(f"  [{p['index']}] {p['id']} ({p['n_tokens']} tokens) {text!r}{meta}")
         if len(run) > len(summary["first_prompts"]):
             click.echo(f"  ... {len(run) - len(summary['first_prompts']):,} more")
+        results = run.results()
+        if results:
+            click.echo(f"results  {len(results)} beside the run, in {results[0].path.parent}")
+        for r in results:
+            state = "ok" if r.ok else f"ERROR: {r.error}"
+            if not r.current(run):
+                state += (" (stale: computed on an earlier run at this path)"
+                          if r.meta.get("run_id") != run.run_id else
+                          f" (covers {r.meta.get('n_prompts')} prompts)")
+            click.echo(f"  {r.analysis} {r.version}  {_fmt_params(r.params)}{state}")
+
+
+# --- plugins and analyses --------------------------------------------------------------------
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins_cmd(as_json: bool) -> None:
+    """List the plugins: where each comes from, its version, the hooks it implements, what it
+    registers (models, analyses, views, commands), and any load or hook errors.
+
+    Does not import torch or TransformerLens.
+    """
+    from workbench.analysis import build_analyses
+    from workbench.models import build_registry
+    from workbench.plugins import plugin_manager, report_of
+    from workbench.views import build_views
+
+    pm = plugin_manager()
+    build_registry(pm)
+    build_analyses(pm)
+    build_views(pm)
+    plugins = list(report_of(pm).plugins.values())
+    if as_json:
+        click.echo(json.dumps([p.to_dict() for p in plugins], indent=2))
+        return
+    for p in plugins:
+        state = "loaded" if p.loaded else "NOT LOADED"
+        version = f" {p.version}" if p.version else ""
+        click.echo(f"{p.name}{version}  [{p.source}, {state}]  {p.location}")
+        if p.hooks:
+            click.echo(f"    hooks:    {', '.join(p.hooks)}")
+        for kind in ("models", "analyses", "views", "commands"):
+            items = getattr(p, kind)
+            if items:
+                click.echo(f"    {kind + ':':9} {', '.join(items)}")
+        for e in p.errors:
+            click.echo(f"    error:    {e}")
+
+
+def _parse_param_options(items: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        m = re.match(r"^([a-z0-9][a-z0-9_.-]*?)\.([A-Za-z_][A-Za-z0-9_]*)=(.*)$", item, re.DOTALL)
+        if not m:
+            raise UserError(f"--param {item!r}: write ANALYSIS.KEY=VALUE")
+        out.setdefault(m.group(1), {})[m.group(2)] = m.group(3)
+    return out
+
+
+def _list_analyses(registry: Any, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([a.describe() for a in registry], indent=2))
+        return
+    for a in registry:
+        click.echo(f"{a.name} {a.version}  ({a.plugin})  {a.description}")
+        needs = list(a.needs) + (["LM outputs"] if a.needs_lm_outputs else []) + [
+            f"prompts with '{k}'" for k in a.needs_task] + (["the live model"] if a.needs_model else [])
+        click.echo(f"    needs:  {', '.join(needs) or 'tokens only'}")
+        for p in a.params:
+            extra = f", one of {', '.join(map(str, p.choices))}" if p.choices else ""
+            click.echo(f"    --param {a.name}.{p.name}={p.default!r}  ({p.type.__name__}{extra}) {p.help}")
+
+
+@cli.command("analyze")
+@click.argument("run_path", metavar="RUN", required=False)
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--param", "param_items", multiple=True, metavar="NAME.KEY=VALUE",
+              help="Set a parameter of analysis NAME (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: one record per analysis.")
+@click.option("--force", is_flag=True, help="Compute again even if a result with the same key is stored.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where analyses that run the model run it: cpu, cuda, cuda:N or auto.")
+@click.option("--list", "list_only", is_flag=True, help="List the analyses and their parameters.")
+def analyze_cmd(run_path: str | None, names: tuple[str, ...], param_items: tuple[str, ...],
+                as_json: bool, force: bool, device: str, list_only: bool) -> None:
+    """Run analyses over RUN and store their results beside it (RUN.h5.results/).
+
+    With no NAME, every analysis whose inputs the run holds. A result already stored for the
+    same analysis, version and parameters is shown again, not recomputed (unless --force). An
+    analysis that fails is reported and recorded; the others still run.
+    """
+    from workbench.analysis import analyze, build_analyses, missing_inputs
+    from workbench.store import open_run
+
+    registry = build_analyses()
+    if list_only:
+        _list_analyses(registry, as_json)
+        return
+    if not run_path:
+        raise UserError("give a RUN to analyse (or --list)")
+    params = _parse_param_options(param_items)
+    for name in params:
+        registry.get(name)
+    with open_run(run_path) as run:
+        if names:
+            chosen = [registry.get(n) for n in dict.fromkeys(names)]
+        else:
+            chosen = [a for a in registry if not missing_inputs(run, a)]
+            skipped = [a.name for a in registry if a not in chosen]
+            if skipped and not as_json:
+                click.echo(f"workbench: skipping {', '.join(skipped)} (inputs not in this run; "
+                           "'workbench analyze --list' says what each needs)", err=True)
+            if not chosen:
+                raise UserError(f"no analysis can run on {run.final_path.name}: it lacks their inputs "
+                                "(capture with --for NAME)")
+        show = sys.stderr.isatty() and not as_json
+
+        def start(a: Any) -> None:
+            if show:
+                click.echo(f"workbench: running {a.name} ...", err=True)
+
+        outcomes = analyze(run, chosen, params, force=force, device=device, on_start=start)
+        if as_json:
+            records = []
+            for o in outcomes:
+                rec = o.stored.record(run)
+                rec["outcome"] = o.status
+                rec["result"] = o.analysis.json(o.stored.result()) if o.ok else None
+                records.append(rec)
+            click.echo(json.dumps(records, indent=2, default=str))
+            return
+        for o in outcomes:
+            how = {"computed": f"computed in {o.seconds:.2f} s", "reused": "stored earlier",
+                   "error": "FAILED"}[o.status]
+            click.echo(f"== {o.analysis.name} {o.analysis.version}  {_fmt_params(o.params)}"
+                       f"[{how}; {o.stored.path}]")
+            if o.ok:
+                click.echo(o.analysis.text(o.stored.result()))
+            else:
+                click.echo(f"error: {o.stored.error}")
+            click.echo("")
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    return "".join(f"{k}={v!r} " for k, v in params.items())
 
 
 # --- cache ------------------------------------------------------------------------------------
@@ -494,8 +680,60 @@ def cache_cmd(clear: bool, as_json: bool) -> None:
         click.echo(f"  {e['label'] or '?':28} {e['bytes'] / 1e6:8.1f} MB  {e['status']}  {e['entry']}")
 
 
-def main() -> None:
-    cli(prog_name="workbench")
+def _plugin_dirs_from_argv(argv: list[str]) -> list[str]:
+    """``--plugins-dir`` values given before the sub-command (plugins must be loaded before
+    arguments are parsed: they may add sub-commands)."""
+    dirs = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--plugins-dir" and i + 1 < len(argv):
+            dirs.append(argv[i + 1])
+        elif arg.startswith("--plugins-dir="):
+            dirs.append(arg.split("=", 1)[1])
+    return dirs
+
+
+def _add_plugin_commands(group: click.Group) -> None:
+    """Let plugins add sub-commands (``register_commands``); a taken name is refused."""
+    from workbench.plugins import call_each, plugin_manager, report_of
+
+    pm = plugin_manager()
+    report = report_of(pm)
+    last: list[Any] = [None, dict(group.commands)]
+
+    def settle() -> None:
+        plugin, before = last
+        if plugin is None:
+            return
+        for name, cmd in list(group.commands.items()):
+            if name in before and before[name] is not cmd:
+                group.commands[name] = before[name]
+                report.problem(plugin, f"command {name!r} already exists; not replaced")
+            elif name not in before:
+                report.info(plugin).commands.append(name)
+
+    def kwargs_for(plugin: str) -> dict[str, Any]:
+        settle()
+        last[:] = [plugin, dict(group.commands)]
+        return {"cli": group}
+
+    call_each(pm, "register_commands", kwargs_for)
+    settle()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import os
+
+    from workbench.plugins import DIR_ENV, reset_plugin_manager
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    dirs = _plugin_dirs_from_argv(args)
+    if dirs:
+        os.environ[DIR_ENV] = os.pathsep.join([*dirs, *filter(None, [os.environ.get(DIR_ENV)])])
+        reset_plugin_manager()
+    _add_plugin_commands(cli)
+    cli(args, prog_name="workbench")
 
 
 if __name__ == "__main__":  # pragma: no cover

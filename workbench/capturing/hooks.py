@@ -120,8 +120,8 @@ def select(model: Model, items: list[str] | tuple[str, ...]) -> Selection:
     naming a layer the model does not have, is an error that lists valid names."""
     bridge = model.bridge
     all_names = list(bridge.hook_dict)
-    if not items:
-        raise UserError("no hooks requested (use --hooks PATTERN or a preset: " + ", ".join(PRESETS) + ")")
+    if not items:  # tokens and LM outputs only (e.g. for an analysis that needs nothing more)
+        return Selection(names=[], exact=set(), gates=set())
     chosen: dict[str, None] = {}
     exact: set[str] = set()
     gates: set[str] = set()
@@ -372,7 +372,7 @@ def plan_hooks(model: Model, selection: Selection) -> HookPlan:
     for name, why in skipped:
         if name in selection.exact:
             raise UserError(f"hook {name!r} cannot be captured: {why}")
-    if not specs:
+    if not specs and selection.names:
         raise UserError("the requested hooks hold nothing that can be stored per prompt")
     return HookPlan(specs=specs, skipped=skipped, gates=sorted(selection.gates),
                     requested=len(requested))

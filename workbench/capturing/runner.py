@@ -23,6 +23,7 @@ import shutil
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,9 +296,17 @@ def _settings(plan: CapturePlan, hooks_requested: list[str], truncate: bool) -> 
     padding = ("right-padded batches, no attention mask (causal); only real positions stored"
                if plan.family == "decoder" else
                "right-padded batches with an attention mask; only real positions stored")
+    bridge = plan.model.bridge
+    all_names = list(bridge.hook_dict)
     return {
+        "run_id": uuid.uuid4().hex,
         "model": {"name": info.name, "provenance": info.provenance.to_dict(), "dtype": info.dtype},
         "family": plan.family,
+        # Every hook name of the model, so that whether a run holds what an analysis needs can
+        # be decided later without the model (``workbench.analysis.missing_hooks``).
+        "model_hooks": all_names,
+        "gated_hooks": [n for n in all_names if bridge._gated_hook_reason(n) is not None],
+        "unstorable_hooks": [name for name, _ in plan.hooks.skipped],
         "hooks": [h.to_dict() for h in plan.hooks.specs],
         "hooks_requested": hooks_requested,
         "gates": plan.hooks.gates,
@@ -749,6 +758,8 @@ def _execute(plan: CapturePlan, final: Path, settings: dict[str, Any], *, resume
         if resume and partial.exists():
             old = h5py.File(partial, "r", swmr=True)
             start_at = _check_resumable(old, plan, settings, partial)
+            settings["run_id"] = json.loads(old[S.META_SETTINGS][()].decode()).get("run_id",
+                                                                                   settings["run_id"])
             settings["resumed"] = [*_old_resumes(old), {"at_prompt": start_at,
                                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
         needed = plan.estimated_bytes(start_at) + (partial.stat().st_size if old is not None else 0)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -187,30 +186,25 @@ class ModelRegistry:
 
 
 def build_registry(pm: pluggy.PluginManager | None = None) -> ModelRegistry:
-    """Collect every plugin's ``register_models``. Each plugin is called on its own, so one that
-    raises is reported (and skipped) without losing the others' models."""
-    from workbench.plugins import make_plugin_manager, strict_plugins
+    """Collect every plugin's ``register_models`` (default: the process-wide plugin manager).
+    Each plugin is called on its own, so one that raises is reported (and skipped) without
+    losing the others' models."""
+    from workbench.plugins import call_each, plugin_manager, report_of
 
     if pm is None:
-        pm = make_plugin_manager()
+        pm = plugin_manager()
     registry = ModelRegistry()
-    for impl in pm.hook.register_models.get_hookimpls():
-        plugin_name = impl.plugin_name
+    report = report_of(pm)
 
-        def register(source: ModelSource, _plugin: str = plugin_name) -> None:
-            object.__setattr__(source, "plugin", _plugin)
+    def kwargs_for(plugin: str) -> dict[str, Any]:
+        def register(source: ModelSource) -> None:
+            object.__setattr__(source, "plugin", plugin)
             registry.add(source)
+            models = report.info(plugin).models
+            if source.name not in models:
+                models.append(source.name)
 
-        try:
-            impl.function(register=register) if impl.argnames else impl.function()
-        except UserError:
-            raise
-        except Exception as exc:  # one plugin must not take down the others
-            if strict_plugins():
-                raise
-            print(
-                f"workbench: warning: plugin {plugin_name!r} failed in register_models "
-                f"({type(exc).__name__}: {exc})",
-                file=sys.stderr,
-            )
+        return {"register": register}
+
+    call_each(pm, "register_models", kwargs_for)
     return registry

@@ -196,6 +196,34 @@ class Run:
         return sorted(self.aliases)
 
     @property
+    def run_id(self) -> str:
+        """Identifies this capture (kept across ``--resume``); results beside the run record it,
+        so results of an earlier run captured to the same path are told apart."""
+        rid = self.settings.get("run_id")
+        return str(rid) if rid else f"{self.f.attrs.get(S.ATTR_CREATED, '')}"
+
+    # --- analysis results (files beside the run) --------------------------------------------
+
+    def results(self) -> list[Any]:
+        """The analysis results stored beside this run (``StoredResult``), newest first; see
+        :mod:`workbench.store.results`."""
+        from workbench.store.results import list_results
+
+        return list_results(self)
+
+    def result(self, analysis: str, **params: Any) -> Any:
+        """The newest stored result of ``analysis`` computed on this run whose parameters include
+        ``params`` (``StoredResult``: ``.data``, ``.arrays``, ``.meta``)."""
+        for r in self.results():
+            if r.analysis == analysis and r.meta.get("run_id") == self.run_id and all(
+                r.params.get(k) == v for k, v in params.items()
+            ):
+                return r
+        raise UserError(f"no stored result of {analysis!r}"
+                        + (f" with {params}" if params else "") + f" for {self.final_path.name} "
+                        f"(run 'workbench analyze {self.final_path.name} {analysis}')")
+
+    @property
     def planned_prompts(self) -> int:
         return int(self.f.attrs.get(S.ATTR_PLANNED, 0))
 

@@ -1,0 +1,237 @@
+"""Analysis results, stored beside a run and never inside it.
+
+HDF5 locks a file that any process has open, and rewriting a run risks what it recorded, so every
+result is its own small HDF5 file in the folder ``RUN.h5.results/`` next to ``RUN.h5``::
+
+    RUN.h5.results/NAME--VERSION--KEY.h5
+
+``KEY`` is the first 16 hex digits of the SHA-256 of ``{"analysis", "version", "params"}`` as
+canonical JSON, so a request with the same name, version and parameters finds its result again.
+A file is written under a hidden temporary name in the same folder, flushed to disk, and renamed
+over the final name: readers see the old result or the new one, never half of one. This works
+while a capture is still writing the run and while other processes (the UI) have it open.
+
+Layout of one result file (``docs/analyses.md`` documents each analysis's ``data`` and arrays):
+
+- ``/meta``: UTF-8 JSON: ``analysis``, ``version``, ``params``, ``key``, ``status`` (``ok`` or
+  ``error``), ``error`` and ``traceback`` (for errors), ``plugin``, ``run_id``, ``run``,
+  ``n_prompts`` (prompts committed when it ran), ``created``, ``seconds``, ``workbench``;
+- ``/data``: UTF-8 JSON, the result's ``data``;
+- ``/arrays/NAME``: one dataset per array.
+
+This module imports numpy and h5py, never torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import h5py
+import numpy as np
+
+from workbench.errors import UserError
+from workbench.paths import fsync_dir
+
+if TYPE_CHECKING:
+    from workbench.analysis import Analysis, Result
+    from workbench.store.reader import Run
+
+MARKER = "workbench analysis result"
+FORMAT = 1
+SUFFIX = ".results"
+
+
+def results_dir(run: Run | Path) -> Path:
+    """The folder holding a run's results: ``RUN.h5.results`` beside the finished run's name
+    (also for a run still being written as ``RUN.h5.partial``)."""
+    final = run.final_path if not isinstance(run, Path) else run
+    if final.name.endswith(".partial"):
+        final = final.with_name(final.name[: -len(".partial")])
+    return final.with_name(final.name + SUFFIX)
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def result_key(name: str, version: str, params: dict[str, Any]) -> str:
+    doc = {"analysis": name, "version": version, "params": params}
+    return hashlib.sha256(canonical(doc).encode()).hexdigest()[:16]
+
+
+def _file_name(name: str, version: str, key: str) -> str:
+    return f"{name}--{re.sub(r'[^A-Za-z0-9.+_-]', '_', version)}--{key}.h5"
+
+
+@dataclass
+class StoredResult:
+    """A result file beside a run. ``data`` and ``meta`` are read when it is opened; the arrays
+    when first asked for."""
+
+    path: Path
+    meta: dict[str, Any]
+    data: dict[str, Any]
+    _arrays: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def analysis(self) -> str:
+        return str(self.meta["analysis"])
+
+    @property
+    def version(self) -> str:
+        return str(self.meta["version"])
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.meta.get("params") or {})
+
+    @property
+    def ok(self) -> bool:
+        return self.meta.get("status") == "ok"
+
+    @property
+    def error(self) -> str | None:
+        return self.meta.get("error")
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            with h5py.File(self.path, "r") as f:
+                group = f.get("arrays")
+                self._arrays = {k: group[k][()] for k in group} if group is not None else {}
+        return self._arrays
+
+    def current(self, run: Run) -> bool:
+        """Whether this result was computed on this run (not an earlier one captured to the same
+        path) over all of its prompts committed now."""
+        return self.meta.get("run_id") == run.run_id and self.meta.get("n_prompts") == len(run)
+
+    def result(self) -> Result:
+        from workbench.analysis import Result
+
+        return Result(data=self.data, arrays=self.arrays)
+
+    def record(self, run: Run | None = None) -> dict[str, Any]:
+        """A JSON-able summary of the file (no data)."""
+        m = self.meta
+        out = {k: m.get(k) for k in ("analysis", "version", "params", "key", "status", "error",
+                                     "plugin", "n_prompts", "created", "seconds")}
+        out["file"] = str(self.path)
+        if run is not None:
+            out["current"] = self.current(run)
+        return out
+
+
+def _read_json(f: h5py.File, name: str) -> Any:
+    raw = f[name][()]
+    return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
+
+
+def load(path: Path) -> StoredResult:
+    """Open one result file (meta and data; arrays lazily)."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("workbench") != MARKER:
+                raise UserError(f"{path} is not a workbench analysis result")
+            if int(f.attrs.get("format", 0)) > FORMAT:
+                raise UserError(f"{path} uses result format {f.attrs.get('format')}; upgrade workbench")
+            return StoredResult(path=path, meta=_read_json(f, "meta"), data=_read_json(f, "data"))
+    except FileNotFoundError:
+        raise UserError(f"no such result: {path}") from None
+    except (OSError, KeyError, ValueError) as exc:
+        raise UserError(f"{path} is a damaged analysis result ({exc})") from None
+
+
+def list_results(run: Run) -> list[StoredResult]:
+    """Every result file beside ``run`` (finished, still being written, or interrupted), newest
+    first. Damaged files are skipped; a result computed on an earlier run at the same path is
+    listed too (``StoredResult.current`` tells)."""
+    folder = results_dir(run)
+    if not folder.is_dir():
+        return []
+    out = []
+    for path in folder.glob("*.h5"):
+        if path.name.startswith("."):
+            continue
+        try:
+            out.append(load(path))
+        except UserError:
+            continue
+    out.sort(key=lambda r: (str(r.meta.get("created", "")), r.path.name), reverse=True)
+    return out
+
+
+def find(run: Run, name: str, version: str, key: str) -> StoredResult | None:
+    path = results_dir(run) / _file_name(name, version, key)
+    if not path.exists():
+        return None
+    try:
+        return load(path)
+    except UserError:
+        return None
+
+
+def check_storable(result: Result) -> None:
+    """Fail early (as the analysis's error) if a result cannot be stored."""
+    from workbench.analysis import Result
+
+    if not isinstance(result, Result):
+        raise TypeError(f"compute() must return a Result or a dict, not {type(result).__name__}")
+    try:
+        canonical(result.data)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"result data is not JSON-able ({exc})") from None
+    for name, arr in result.arrays.items():
+        if not re.match(r"^[A-Za-z0-9_.-]+$", name):
+            raise ValueError(f"array name {name!r}: use letters, digits, '_', '-', '.'")
+        a = np.asarray(arr)
+        if a.dtype == object:
+            raise TypeError(f"array {name!r} has dtype object; use numbers or fixed-width strings")
+
+
+def save(run: Run, analysis: Analysis, params: dict[str, Any], key: str, result: Result, *,
+         n_prompts: int, seconds: float, error: str | None = None,
+         traceback_text: str | None = None) -> StoredResult:
+    """Write a result file atomically (temporary name, fsync, rename) and return it."""
+    from workbench import __version__
+
+    folder = results_dir(run)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "analysis": analysis.name, "version": analysis.version, "params": params, "key": key,
+        "status": "error" if error else "ok", "error": error, "traceback": traceback_text,
+        "plugin": analysis.plugin, "run_id": run.run_id, "run": run.final_path.name,
+        "n_prompts": n_prompts, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(seconds, 6), "workbench": __version__,
+    }
+    final = folder / _file_name(analysis.name, analysis.version, key)
+    tmp = folder / f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["workbench"] = MARKER
+            f.attrs["format"] = FORMAT
+            for name, doc in (("meta", meta), ("data", result.data)):
+                raw = json.dumps(doc, ensure_ascii=False, indent=1).encode("utf-8")
+                f.create_dataset(name, data=np.array(raw, dtype=h5py.string_dtype("utf-8", len(raw))))
+            group = f.create_group("arrays")
+            for name, arr in result.arrays.items():
+                a = np.asarray(arr)
+                group.create_dataset(name, data=a, **({"compression": "gzip", "shuffle": True}
+                                                      if a.nbytes > (1 << 20) else {}))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        fsync_dir(folder)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return StoredResult(path=final, meta=meta, data=result.data,
+                        _arrays={k: np.asarray(v) for k, v in result.arrays.items()})

@@ -1,0 +1,90 @@
+"""Terminal views: how the UI shows an analysis's stored results.
+
+A plugin registers a :class:`View` through the ``register_views`` hook. ``View.make`` builds a
+Textual widget for one stored result; it runs only when the view is shown, so it imports Textual
+inside. A result with no registered view is shown by the UI's generic table and array view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from workbench.analysis import NAME_RE
+
+if TYPE_CHECKING:
+    from workbench.store.reader import Run
+    from workbench.store.results import StoredResult
+
+
+@dataclass
+class View:
+    """A terminal view of one analysis's results."""
+
+    name: str
+    """Unique across plugins (lower case, digits, ``-``, ``_``, ``.``)."""
+    analysis: str
+    """The analysis whose results it shows."""
+    title: str
+    """Shown in the UI's view list."""
+    make: Callable[[StoredResult, Run], Any]
+    """``make(result, run)`` returns a Textual ``Widget`` showing ``result``."""
+    plugin: str = ""
+    """Set by workbench at registration."""
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"view name {self.name!r}: use lower case letters, digits, '-', '_', '.'")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "analysis": self.analysis, "title": self.title, "plugin": self.plugin}
+
+
+class ViewRegistry:
+    def __init__(self) -> None:
+        self.by_name: dict[str, View] = {}
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(sorted(self.by_name.values(), key=lambda v: v.name))
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+    def for_analysis(self, analysis: str) -> list[View]:
+        return [v for v in self if v.analysis == analysis]
+
+
+def build_views(pm: pluggy.PluginManager | None = None) -> ViewRegistry:
+    """Collect every plugin's ``register_views``; a view name registered twice rejects both."""
+    from workbench.plugins import call_each, plugin_manager, report_of
+
+    if pm is None:
+        pm = plugin_manager()
+    report = report_of(pm)
+    found: dict[str, list[View]] = {}
+
+    def kwargs_for(plugin: str) -> dict[str, Any]:
+        def register(view: View) -> None:
+            if not isinstance(view, View):
+                raise TypeError(f"register_views: expected a View, got {type(view).__name__}")
+            view.plugin = plugin
+            found.setdefault(view.name, []).append(view)
+
+        return {"register": register}
+
+    call_each(pm, "register_views", kwargs_for)
+    registry = ViewRegistry()
+    for name, candidates in found.items():
+        if len(candidates) > 1:
+            plugins = " and ".join(repr(v.plugin) for v in candidates)
+            for v in candidates:
+                report.problem(v.plugin, f"view {name!r} is registered by both {plugins}; neither is used")
+            continue
+        registry.by_name[name] = candidates[0]
+        info = report.info(candidates[0].plugin)
+        if name not in info.views:
+            info.views.append(name)
+    return registry
