@@ -155,18 +155,22 @@ def test_plugins_dir_loads_loose_files_and_the_env_var_restricts(tmp_path):
                               compute=lambda ctx: {}))
     """))
     (tmp_path / "broken_file.py").write_text("raise ImportError('no such thing')\n")
-    proc = _cli("--plugins-dir", str(tmp_path), "plugins", "--json")
+    (tmp_path / "answer.py").write_text("")  # the name of one of our plugins
+    proc = _cli("--plugins-dir", str(tmp_path), "--plugins-dir", str(tmp_path / "absent"), "plugins", "--json")
     assert proc.returncode == 0, proc.stderr
     plugins = {p["name"]: p for p in json.loads(proc.stdout)}
+    assert plugins[str(tmp_path / "answer.py")]["errors"] == ["not loaded: a plugin named 'answer' already exists"]
+    assert plugins["answer"]["loaded"] and plugins["answer"]["errors"] == []
+    assert plugins[str(tmp_path / "absent")]["errors"] == [f"plugins folder {tmp_path / 'absent'} does not exist"]
     assert plugins["loose_one"]["source"] == "file" and plugins["loose_one"]["analyses"] == ["loose"]
     assert plugins["broken_file"]["errors"] == ["failed to load (ImportError: no such thing)"]
     assert "plugin 'broken_file': failed to load (ImportError: no such thing)" in proc.stderr
     # the same through the environment, restricted to one plugin
     proc = _cli("plugins", "--json", env={"WORKBENCH_PLUGINS_DIR": str(tmp_path), "WORKBENCH_PLUGINS": "loose_one"})
     names = [p["name"] for p in json.loads(proc.stdout)]
-    assert names == ["workbench.models.builtin", "loose_one"]
+    assert names == ["workbench.models.builtin", "loose_one"]  # the restriction applies to files too
     proc = _cli("plugins", env={"WORKBENCH_PLUGINS_DIR": str(tmp_path), "WORKBENCH_STRICT_PLUGINS": "1"})
-    assert proc.returncode != 0 and "no such thing" in proc.stderr
+    assert proc.returncode != 0 and "a plugin named 'answer' already exists" in proc.stderr
 
 
 def test_plugins_add_commands_and_cannot_replace_ours(tmp_path):

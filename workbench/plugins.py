@@ -240,13 +240,15 @@ def make_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManag
         _register(pm, report, info, ep.load)
     for folder in plugin_dirs():
         if not folder.is_dir():
+            report.plugins[str(folder)] = PluginInfo(name=str(folder), source="file", location=str(folder))
             report.problem(str(folder), f"plugins folder {folder} does not exist")
             continue
         for path in sorted(folder.glob("*.py")):
             if path.name.startswith("_") or (allowed is not None and path.stem not in allowed):
                 continue
             if pm.has_plugin(path.stem) or path.stem in report.plugins:
-                report.problem(path.stem, f"{path}: a plugin named {path.stem!r} is already loaded")
+                report.plugins[str(path)] = PluginInfo(name=str(path), source="file", location=str(path))
+                report.problem(str(path), f"not loaded: a plugin named {path.stem!r} already exists")
                 continue
             info = PluginInfo(name=path.stem, source="file", location=str(path))
             _register(pm, report, info, functools.partial(_load_file, path))
