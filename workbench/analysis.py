@@ -225,35 +225,11 @@ class AnalysisRegistry:
 def build_analyses(pm: pluggy.PluginManager | None = None) -> AnalysisRegistry:
     """Collect every plugin's ``register_analyses``. A plugin that raises is reported and skipped;
     two analyses with one name are both rejected, with an error naming both plugins."""
-    from workbench.plugins import call_each, plugin_manager, report_of
+    from workbench.plugins import collect_unique, plugin_manager
 
-    if pm is None:
-        pm = plugin_manager()
-    report = report_of(pm)
-    found: dict[str, list[Analysis]] = {}
-
-    def kwargs_for(plugin: str) -> dict[str, Any]:
-        def register(analysis: Analysis) -> None:
-            if not isinstance(analysis, Analysis):
-                raise TypeError(f"register_analyses: expected an Analysis, got {type(analysis).__name__}")
-            analysis.plugin = plugin
-            found.setdefault(analysis.name, []).append(analysis)
-
-        return {"register": register}
-
-    call_each(pm, "register_analyses", kwargs_for)
     registry = AnalysisRegistry()
-    for name, candidates in found.items():
-        if len(candidates) > 1:
-            plugins = " and ".join(repr(a.plugin) for a in candidates)
-            for a in candidates:
-                report.problem(a.plugin, f"analysis {name!r} is registered by both {plugins}; "
-                                         "neither is used")
-            continue
-        registry._by_name[name] = candidates[0]
-        info = report.info(candidates[0].plugin)
-        if name not in info.analyses:
-            info.analyses.append(name)
+    registry._by_name = collect_unique(pm or plugin_manager(), "register_analyses", Analysis,
+                                       "analysis", "analyses")
     return registry
 
 

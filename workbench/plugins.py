@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 
@@ -303,3 +303,40 @@ def call_each(pm: pluggy.PluginManager, hook: str,
             raise
         except Exception as exc:  # noqa: BLE001 - reported; re-raised in strict mode
             report.problem(name, f"failed in {hook} ({_one_line(exc)})", exc)
+
+
+T = TypeVar("T")
+
+
+def collect_unique(pm: pluggy.PluginManager, hook: str, cls: type[T], kind: str,
+                   info_field: str) -> dict[str, T]:
+    """Call the registration ``hook`` on every plugin (:func:`call_each`) with a ``register``
+    callback taking ``cls`` objects, each stamped with its plugin's name (``obj.plugin``) and
+    listed under ``info_field`` of that plugin's :class:`PluginInfo`. A name registered more than
+    once is rejected everywhere, with a problem naming every plugin that registered it.
+    Returns name -> object."""
+    report = report_of(pm)
+    found: dict[str, list[Any]] = {}
+
+    def kwargs_for(plugin: str) -> dict[str, Any]:
+        def register(obj: T) -> None:
+            if not isinstance(obj, cls):
+                raise TypeError(f"{hook}: register() takes {cls.__name__} objects, not {type(obj).__name__}")
+            obj.plugin = plugin  # type: ignore[attr-defined]
+            found.setdefault(obj.name, []).append(obj)  # type: ignore[attr-defined]
+
+        return {"register": register}
+
+    call_each(pm, hook, kwargs_for)
+    out: dict[str, T] = {}
+    for name, candidates in found.items():
+        if len(candidates) > 1:
+            plugins = " and ".join(repr(c.plugin) for c in candidates)
+            for c in candidates:
+                report.problem(c.plugin, f"{kind} {name!r} is registered by both {plugins}; neither is used")
+            continue
+        out[name] = candidates[0]
+        listed = getattr(report.info(candidates[0].plugin), info_field)
+        if name not in listed:
+            listed.append(name)
+    return out

@@ -59,32 +59,8 @@ class ViewRegistry:
 
 def build_views(pm: pluggy.PluginManager | None = None) -> ViewRegistry:
     """Collect every plugin's ``register_views``; a view name registered twice rejects both."""
-    from workbench.plugins import call_each, plugin_manager, report_of
+    from workbench.plugins import collect_unique, plugin_manager
 
-    if pm is None:
-        pm = plugin_manager()
-    report = report_of(pm)
-    found: dict[str, list[View]] = {}
-
-    def kwargs_for(plugin: str) -> dict[str, Any]:
-        def register(view: View) -> None:
-            if not isinstance(view, View):
-                raise TypeError(f"register_views: expected a View, got {type(view).__name__}")
-            view.plugin = plugin
-            found.setdefault(view.name, []).append(view)
-
-        return {"register": register}
-
-    call_each(pm, "register_views", kwargs_for)
     registry = ViewRegistry()
-    for name, candidates in found.items():
-        if len(candidates) > 1:
-            plugins = " and ".join(repr(v.plugin) for v in candidates)
-            for v in candidates:
-                report.problem(v.plugin, f"view {name!r} is registered by both {plugins}; neither is used")
-            continue
-        registry.by_name[name] = candidates[0]
-        info = report.info(candidates[0].plugin)
-        if name not in info.views:
-            info.views.append(name)
+    registry.by_name = collect_unique(pm or plugin_manager(), "register_views", View, "view", "views")
     return registry
