@@ -148,6 +148,16 @@ def test_loss_and_top_k_equal_an_independent_log_softmax(big_run, llama):
         np.testing.assert_allclose(top_lp, torch.topk(logp, 10).values.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_stored_vocabulary_names_predictions_like_the_tokenizer(big_run, llama):
+    _, _, run = big_run
+    assert run.has_vocab
+    top_ids, _ = run.top_k(3)
+    ids = [int(i) for i in top_ids.reshape(-1)[:50]] + [0, len(llama.tokenizer) - 1]
+    assert run.token_strings(ids) == [llama.tokenizer.decode([i]) for i in ids]
+    assert run.token_strings(run.tokens(3)) == run.str_tokens(3)
+    assert run.token_strings([len(llama.tokenizer), -1]) == [f"#{len(llama.tokenizer)}", "#-1"]
+
+
 @pytest.mark.parametrize("dtype, convert", [
     ("float16", lambda t: t.half().float()),
     ("bfloat16", lambda t: t.bfloat16().float()),

@@ -777,6 +777,7 @@ def _execute(plan: CapturePlan, final: Path, settings: dict[str, Any], *, resume
             expected_batches=-(-len(plan.prompts) // plan.batch_size),
             expected_elements={h.name: sum(h.elements_for(plan.lengths(i)) for i in range(len(plan.prompts)))
                                for h in plan.hooks.specs if h.layout == "square"},
+            vocab=plan.model.vocab_strings(),
         )
         if old is not None:
             try:

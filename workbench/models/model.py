@@ -184,6 +184,11 @@ class Model:
         """Each token decoded on its own (as TransformerLens' ``to_str_tokens``)."""
         return [self.tokenizer.decode([i]) for i in ids]
 
+    def vocab_strings(self) -> list[str]:
+        """Every id of the tokenizer decoded on its own (what :meth:`str_tokens` gives for it)."""
+        n = len(self.tokenizer)
+        return list(self.tokenizer.batch_decode([[i] for i in range(n)]))
+
     def _bos_info(self) -> BosInfo:
         probe = "a"
         raw = self.tokenizer(probe, add_special_tokens=False)["input_ids"]

@@ -108,6 +108,7 @@ class Run:
             self._datasets: dict[str, h5py.Dataset] = {}
             self._stale: set[str] = set()
             self._stream_offsets: dict[str, np.ndarray] = {}
+            self._vocab: tuple[np.ndarray, bytes] | None = None
             self._offsets = self._ds(S.TOKEN_OFFSETS)
             self._n = self._committed()
             # Small, and read by nearly everything: parsing them now turns damage into a clear
@@ -367,6 +368,28 @@ class Run:
             raise UserError("this run holds no generated tokens (capture with --generate N)")
         start, end = self._token_range(i, self.lm_stream)
         return {f: self._ds(f"{self.lm_stream}/{f}")[start:end] for f in S.GEN_FIELDS}
+
+    @property
+    def has_vocab(self) -> bool:
+        """Whether the run stores its tokenizer's vocabulary (runs captured since 0.1.0 do)."""
+        return S.VOCAB in self.f
+
+    def token_strings(self, ids: Any) -> list[str]:
+        """Token ids as text, each decoded on its own like :meth:`str_tokens`, from the run's
+        stored vocabulary (no tokenizer needed); ``#ID`` for an id the run cannot name."""
+        if self._vocab is None:
+            if not self.has_vocab:
+                self._vocab = (np.zeros(1, np.int64), b"")
+            else:
+                self._vocab = (self.f[S.VOCAB_OFFSETS][:], self.f[S.VOCAB][:].tobytes())
+        offsets, blob = self._vocab
+        out = []
+        for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
+            if 0 <= i < len(offsets) - 1:
+                out.append(blob[offsets[i] : offsets[i + 1]].decode("utf-8", errors="surrogatepass"))
+            else:
+                out.append(f"#{i}")
+        return out
 
     def resolve(self, hook: str) -> S.HookSpec:
         name = self.aliases.get(hook)

@@ -68,6 +68,11 @@ LOSS, TOPK_IDS, TOPK_LOGPROBS, TARGET = "loss", "topk_ids", "topk_logprobs", "ta
 # Generation: per token, NaN where the token came from the prompt.
 GEN_FIELDS = ("sample_prob", "sample_entropy", "model_prob", "model_entropy")
 
+# The tokenizer's vocabulary, each id decoded on its own (as the token strings are): lets a reader
+# name predicted tokens without the tokenizer. Optional (runs written before it lack it).
+VOCAB = "vocab/str"
+VOCAB_OFFSETS = "vocab/str_offsets"
+
 RAGGED_BYTES = (PROMPT_TEXT, PROMPT_ID, PROMPT_META)  # one entry per prompt
 TOKEN_IDS = ids_name(MAIN)
 TOKEN_STR = str_name(MAIN)

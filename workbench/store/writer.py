@@ -135,6 +135,7 @@ class RunWriter:
         expected_tokens: dict[str, int] | None = None,
         expected_elements: dict[str, int] | None = None,
         expected_batches: int = 1,
+        vocab: list[str] | None = None,
     ) -> None:
         self.path = path
         self.hooks = hooks
@@ -167,6 +168,8 @@ class RunWriter:
         self.f = h5py.File(path, "w", libver="latest")
         try:
             self._create(model_info, settings, planned_prompts, tool_version)
+            if vocab:
+                self._write_vocab(vocab)
             self.f.swmr_mode = True
         except BaseException:
             self.f.close()
@@ -265,6 +268,14 @@ class RunWriter:
             if h.aliases:
                 ds.attrs["aliases"] = ",".join(h.aliases)
         acts.attrs["storage_dtype"] = self.storage_dtype
+
+    def _write_vocab(self, vocab: list[str]) -> None:
+        encoded = [v.encode("utf-8", "surrogatepass") for v in vocab]
+        ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
+        self.f.create_dataset(S.VOCAB, data=np.frombuffer(b"".join(encoded), np.uint8),
+                              compression="gzip", compression_opts=4)
+        self.f.create_dataset(S.VOCAB_OFFSETS, data=np.concatenate([[0], ends]).astype(np.int64),
+                              compression="gzip", compression_opts=4)
 
     # --- appending ----------------------------------------------------------------------------
 

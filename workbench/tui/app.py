@@ -1,0 +1,422 @@
+"""The Textual app: pick a run, a prompt and a view; move along the tokens; run analyses.
+
+Start it with ``workbench tui [RUN ...]`` or :func:`make_app`. It reads runs lazily (only the
+focused prompt's arrays) and never imports torch or TransformerLens itself: an analysis that needs
+the live model imports them in its background worker.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from rich.text import Text
+from textual import work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.widgets import (
+    Footer,
+    Header,
+    Label,
+    OptionList,
+    ProgressBar,
+    TabbedContent,
+    TabPane,
+    Tabs,
+)
+from textual.widgets.option_list import Option
+
+from workbench.tui import render as R
+from workbench.tui.results import ResultsPanel
+from workbench.tui.screens import AnalysisPicker, HelpScreen, SearchScreen
+from workbench.tui.state import Focus
+from workbench.tui.widgets import (
+    AttentionView,
+    InfoLine,
+    InfoView,
+    NormsView,
+    RunView,
+    TokenStrip,
+    TopKView,
+)
+
+if TYPE_CHECKING:
+    from workbench.analysis import Outcome
+    from workbench.store.reader import Run
+    from workbench.views import ViewRegistry
+
+VIEWS = (("attention", "1 Attention", AttentionView), ("residual", "2 Residual", NormsView),
+         ("topk", "3 Top-k", TopKView), ("info", "4 Run", InfoView))
+VIEW_NAMES = (*(v[0] for v in VIEWS), "results")
+POLL_SECONDS = 0.5
+
+
+def _prompt_label(run: Run, i: int) -> Text:
+    text = run.prompt(i).replace("\n", " ")
+    # One line each: the sidebar is 24 columns (the rest of a long prompt is in the token strip).
+    if len(text) > 17:
+        text = text[:16] + "…"
+    return Text.assemble((f"{i:>3} ", "dim"), text, no_wrap=True)
+
+
+class WorkbenchApp(App[None]):
+    """Browse stored runs. ``runs`` are open :class:`~workbench.store.reader.Run` objects; the app
+    closes them when it exits."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "workbench"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("left", "move(-1)", "token ←", show=False),
+        Binding("right", "move(1)", "token →", show=False),
+        Binding("g", "move_to(0)", "first token", show=False),
+        Binding("G", "move_to(-1)", "last token", show=False),
+        Binding("shift+left", "key(-1)", "attention: key ←", show=False),
+        Binding("shift+right", "key(1)", "attention: key →", show=False),
+        Binding("left_square_bracket", "layer(-1)", "layer −"),
+        Binding("right_square_bracket", "layer(1)", "layer +"),
+        Binding("comma", "head(-1)", "head −"),
+        Binding("full_stop", "head(1)", "head +"),
+        Binding("n", "prompt(1)", "next prompt", show=False),
+        Binding("p", "prompt(-1)", "previous prompt", show=False),
+        Binding("1", "show_view('attention')", "attention heatmap", show=False),
+        Binding("2", "show_view('residual')", "residual-stream norms", show=False),
+        Binding("3", "show_view('topk')", "top-k predictions", show=False),
+        Binding("4", "show_view('info')", "run metadata and provenance", show=False),
+        Binding("5", "show_view('results')", "stored analysis results", show=False),
+        Binding("i", "toggle_ids", "ids"),
+        Binding("slash", "search", "find"),
+        Binding("a", "analyze", "analyse"),
+        Binding("s", "export_svg", "SVG"),
+        Binding("b", "toggle_sidebar", "sidebar", show=False),
+        Binding("question_mark", "help", "help"),
+        Binding("q", "quit", "quit"),
+    ]
+
+    def __init__(self, runs: list[Run], *, view: str = "attention", prompt: int = 0,
+                 export_dir: Path | None = None, poll: float = POLL_SECONDS) -> None:
+        super().__init__()
+        if not runs:
+            raise ValueError("WorkbenchApp needs at least one open run")
+        self.runs = runs
+        self.active_run = runs[0]
+        self.focus_state = Focus(prompt=prompt)
+        self.start_view = view
+        self.export_dir = export_dir or Path.cwd()
+        self.poll_seconds = poll
+        self._views: ViewRegistry | None = None
+        self._listed = 0
+        self.last_outcome: Outcome | None = None
+        self.exported: list[Path] = []
+
+    # --- layout --------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="main"):
+            with Vertical(id="sidebar"):
+                yield Label("runs", classes="section", id="runs-label")
+                yield OptionList(*[Option(Text(r.final_path.name)) for r in self.runs], id="runs")
+                yield Label("prompts", classes="section", id="prompts-label")
+                yield OptionList(id="prompts")
+            with Vertical(id="content"):
+                yield TokenStrip(id="strip")
+                yield InfoLine(id="info")
+                with TabbedContent(id="views", initial=f"tab-{self.start_view}"):
+                    for name, title, cls in VIEWS:
+                        with TabPane(title, id=f"tab-{name}"):
+                            yield cls(id=f"view-{name}")
+                    with TabPane("5 Results", id="tab-results"):
+                        yield ResultsPanel(id="view-results")
+        with Horizontal(id="progress-row"):
+            yield Label("", id="progress-label")
+            yield ProgressBar(id="progress", show_eta=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        for tabs in self.query(Tabs):
+            tabs.can_focus = False  # arrows move along the tokens, not between tabs
+        multi = len(self.runs) > 1
+        self.query_one("#runs").display = multi
+        self.query_one("#runs-label").display = multi
+        self.query_one("#progress-row").display = False
+        self.load_run(self.active_run, prompt=self.focus_state.prompt)
+        self.query_one("#prompts", OptionList).focus()
+        self.set_interval(self.poll_seconds, self.poll)
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def load_run(self, run: Run, prompt: int = 0) -> None:
+        self.active_run = run
+        f = self.focus_state
+        f.prompt = max(0, min(prompt, len(run) - 1)) if len(run) else 0
+        f.pos = f.key = 0
+        prompts = self.query_one("#prompts", OptionList)
+        prompts.clear_options()
+        self._listed = 0
+        self._list_new_prompts()
+        if len(run):
+            prompts.highlighted = f.prompt
+        self._update_title()
+        self.refresh_views()
+        if self.query_one("#views", TabbedContent).active == "tab-results":
+            self._show_results()
+
+    def _list_new_prompts(self) -> None:
+        prompts = self.query_one("#prompts", OptionList)
+        n = len(self.active_run)
+        if n > self._listed:
+            prompts.add_options([Option(_prompt_label(self.active_run, i)) for i in range(self._listed, n)])
+            self._listed = n
+
+    def _update_title(self) -> None:
+        run = self.active_run
+        self.title = f"workbench · {run.final_path.name}"
+        status = "" if run.status == "complete" else f" · {run.status}"
+        self.sub_title = f"{len(run)}/{run.planned_prompts} prompts{status}"
+
+    def active_view(self) -> str:
+        return self.query_one("#views", TabbedContent).active.removeprefix("tab-")
+
+    def view_widget(self, name: str | None = None) -> Any:
+        return self.query_one(f"#view-{name or self.active_view()}")
+
+    def refresh_views(self) -> None:
+        """Redraw the token strip and the view on screen (the others redraw when shown)."""
+        run, f = self.active_run, self.focus_state
+        if len(run):
+            n = run.n_tokens(f.prompt)
+            f.pos = max(0, min(f.pos, n - 1))
+        self.query_one(TokenStrip).show(run, f)
+        self.query_one(InfoLine).show(run, f)
+        widget = self.view_widget()
+        if isinstance(widget, RunView):
+            widget.show(run, f)
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if self.active_view() == "results":
+            self._show_results()
+        else:
+            self.refresh_views()
+
+    def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
+        if event.option_list.id == "prompts" and event.option_index is not None:
+            if event.option_index != self.focus_state.prompt:
+                self.focus_state.prompt = event.option_index
+                self.refresh_views()
+        elif event.option_list.id == "runs" and event.option_index is not None:
+            run = self.runs[event.option_index]
+            if run is not self.active_run:
+                self.load_run(run)
+
+    # --- live runs -----------------------------------------------------------------------------
+
+    def poll(self) -> None:
+        """Pick up prompts a capture committed since the last look; a run whose capture has
+        finished is reopened under its final name."""
+        run = self.active_run
+        if not run.is_partial:
+            return
+        from workbench.store import open_run
+
+        if not run.path.exists() and run.final_path.exists():
+            fresh = open_run(run.final_path)
+            self.runs[self.runs.index(run)] = fresh
+            run.close()
+            self.active_run = run = fresh
+        before = self._listed
+        run.refresh()
+        self._list_new_prompts()
+        self._update_title()
+        if before == 0 and len(run):
+            self.query_one("#prompts", OptionList).highlighted = 0
+            self.refresh_views()
+
+    # --- actions -------------------------------------------------------------------------------
+
+    def action_move(self, step: int) -> None:
+        self.focus_state.pos += step
+        self.refresh_views()
+
+    def action_move_to(self, pos: int) -> None:
+        self.focus_state.pos = pos if pos >= 0 else 10**9
+        self.refresh_views()
+
+    def action_key(self, step: int) -> None:
+        self.focus_state.key = max(0, self.focus_state.key + step)
+        self.refresh_views()
+
+    def action_layer(self, step: int) -> None:
+        f = self.focus_state
+        if self.active_view() == "residual":
+            f.point = max(0, f.point + step)
+        else:
+            n = max(1, len(R.pattern_hooks(self.active_run)))
+            f.pattern = (f.pattern + step) % n
+        self.refresh_views()
+
+    def action_head(self, step: int) -> None:
+        self.focus_state.head += step  # wrapped by the view, which knows the head count
+        self.refresh_views()
+
+    def action_prompt(self, step: int) -> None:
+        if not len(self.active_run):
+            return
+        prompts = self.query_one("#prompts", OptionList)
+        prompts.highlighted = max(0, min(len(self.active_run) - 1, self.focus_state.prompt + step))
+
+    def action_show_view(self, name: str) -> None:
+        self.query_one("#views", TabbedContent).active = f"tab-{name}"
+
+    def action_toggle_ids(self) -> None:
+        self.focus_state.show_ids = not self.focus_state.show_ids
+        self.refresh_views()
+
+    def action_toggle_sidebar(self) -> None:
+        side = self.query_one("#sidebar")
+        side.display = not side.display
+        self.call_after_refresh(self.refresh_views)
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen([(b.key, b.description) for b in self.BINDINGS
+                                     if isinstance(b, Binding)]))
+
+    def action_search(self) -> None:
+        self.push_screen(SearchScreen(), self._search_done)
+
+    def _search_done(self, text: str | None) -> None:
+        self.find_token(text)
+
+    def find_token(self, text: str | None) -> bool:
+        """Move to the next token containing ``text`` (case-insensitive), from the one after the
+        focus on, across prompts and around. Returns whether one was found."""
+        if not text or not len(self.active_run):
+            return False
+        needle = text.lower()
+        run, f = self.active_run, self.focus_state
+        n = len(run)
+        for step in range(n + 1):
+            i = (f.prompt + step) % n
+            tokens = run.str_tokens(i)
+            first = f.pos + 1 if step == 0 else 0
+            last = len(tokens) if step < n else f.pos + 1
+            for p in range(first, last):
+                if needle in tokens[p].lower():
+                    f.pos = p
+                    if i != f.prompt:
+                        f.prompt = i
+                        self.query_one("#prompts", OptionList).highlighted = i
+                    self.refresh_views()
+                    return True
+        self.notify(f"no token contains {text!r}", severity="warning")
+        return False
+
+    def action_export_svg(self) -> None:
+        name = f"{self.active_run.final_path.stem}-{self.active_view()}-p{self.focus_state.prompt}.svg"
+        path = Path(self.save_screenshot(filename=name, path=str(self.export_dir)))
+        self.exported.append(path)
+        self.notify(f"saved {path}")
+
+    # --- analyses ------------------------------------------------------------------------------
+
+    def views(self) -> ViewRegistry:
+        if self._views is None:
+            from workbench.views import build_views
+
+            self._views = build_views()
+        return self._views
+
+    def _show_results(self, select: str | None = None) -> None:
+        self.query_one(ResultsPanel).show(self.active_run, self.views(), select=select)
+
+    def action_analyze(self) -> None:
+        from workbench.analysis import build_analyses, missing_inputs
+
+        choices = [(a.name, a.description, missing_inputs(self.active_run, a)) for a in build_analyses()]
+        if not choices:
+            self.notify("no analyses are installed ('workbench plugins' lists plugins)", severity="warning")
+            return
+        self.push_screen(AnalysisPicker(choices), self._start_analysis)
+
+    def _start_analysis(self, name: str | None) -> None:
+        if name:
+            self.run_analysis(name)
+
+    def run_analysis(self, name: str, params: dict[str, Any] | None = None) -> None:
+        """Run analysis ``name`` on the run in a background thread; the UI keeps responding, a
+        progress bar follows it, and its result opens in the results view when done."""
+        row = self.query_one("#progress-row")
+        row.display = True
+        self.query_one("#progress-label", Label).update(f"{name}: starting ")
+        self.query_one(ProgressBar).update(total=None, progress=0)
+        self._analysis_worker(name, params or {})
+
+    @work(thread=True, exclusive=True, group="analysis")
+    def _analysis_worker(self, name: str, params: dict[str, Any]) -> None:
+        from workbench.analysis import analyze, build_analyses
+        from workbench.errors import UserError
+
+        started = time.perf_counter()
+        try:
+            analysis = build_analyses().get(name)
+            outcomes = analyze(self.active_run, [analysis], {name: params} if params else None,
+                               progress=lambda a, i, n: self.call_from_thread(self._progress, name, i, n))
+        except UserError as exc:
+            self.call_from_thread(self._analysis_failed, name, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - shown in the app; analyze records plugin errors itself
+            self.call_from_thread(self._analysis_failed, name, f"{type(exc).__name__}: {exc}")
+            return
+        self.call_from_thread(self._analysis_done, outcomes[0], time.perf_counter() - started)
+
+    def _progress(self, name: str, i: int, n: int) -> None:
+        self.query_one("#progress-label", Label).update(f"{name}: {i}/{n} ")
+        self.query_one(ProgressBar).update(total=n, progress=i)
+
+    def _analysis_failed(self, name: str, message: str) -> None:
+        self.query_one("#progress-row").display = False
+        self.notify(f"{name}: {message}", severity="error", timeout=10)
+
+    def _analysis_done(self, outcome: Outcome, seconds: float) -> None:
+        self.last_outcome = outcome
+        self.query_one("#progress-row").display = False
+        name = outcome.analysis.name
+        if outcome.ok:
+            how = "stored earlier" if outcome.status == "reused" else f"computed in {seconds:.1f} s"
+            self.notify(f"{name}: {how}")
+        else:
+            self.notify(f"{name} failed: {outcome.stored.error}", severity="error", timeout=10)
+        self.action_show_view("results")
+        self._show_results(select=name)
+
+    # --- command palette -----------------------------------------------------------------------
+
+    def get_system_commands(self, screen: Any) -> Any:
+        yield from super().get_system_commands(screen)
+        for name, title, _ in VIEWS:
+            yield SystemCommand(f"Show {title[2:]}", f"switch to the {title[2:].lower()} view",
+                                lambda n=name: self.action_show_view(n))
+        yield SystemCommand("Show Results", "stored analysis results", lambda: self.action_show_view("results"))
+        yield SystemCommand("Run analysis…", "run an analysis in the background", self.action_analyze)
+        yield SystemCommand("Find token…", "search the prompts' tokens", self.action_search)
+        yield SystemCommand("Export view as SVG", "save what is on screen", self.action_export_svg)
+        yield SystemCommand("Toggle token ids", "show each token's id in the strip", self.action_toggle_ids)
+        yield SystemCommand("Toggle sidebar", "more room for the view", self.action_toggle_sidebar)
+        yield SystemCommand("Keys", "every key binding", self.action_help)
+
+    def on_unmount(self) -> None:
+        for run in self.runs:
+            try:
+                run.close()
+            except Exception:  # noqa: BLE001, S110 - closing at exit must not hide the real error
+                pass
+
+
+def make_app(paths: list[str] | None = None, **kwargs: Any) -> WorkbenchApp:
+    """The app over the runs at ``paths`` (or every run in the current folder). The one factory
+    the CLI and the tests share. Raises :class:`~workbench.errors.UserError` for a missing or
+    unreadable run."""
+    from workbench.tui.state import open_runs
+
+    return WorkbenchApp(open_runs(list(paths or [])), **kwargs)

@@ -1,0 +1,57 @@
+"""The UI's state: which run, prompt, token and attention head are in focus. Views read it; only
+the app changes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from workbench.errors import UserError
+
+if TYPE_CHECKING:
+    from workbench.store.reader import Run
+
+
+@dataclass
+class Focus:
+    prompt: int = 0
+    pos: int = 0
+    """Focused token of the prompt's main stream: the query row of attention views."""
+    key: int = 0
+    """Key column of the attention view's cursor."""
+    pattern: int = 0
+    """Index into the run's attention patterns (:func:`workbench.tui.render.pattern_hooks`)."""
+    head: int = 0
+    point: int = 0
+    """Row of the residual-norm view (a point of the residual stream)."""
+    show_ids: bool = False
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """Runs in ``folder``: ``*.h5`` files, and ``*.h5.partial`` ones whose capture has not
+    finished (a finished file wins over a stale partial of the same name)."""
+    finals = sorted(p for p in folder.glob("*.h5") if p.is_file())
+    partials = sorted(p for p in folder.glob("*.h5.partial")
+                      if p.is_file() and p.with_name(p.name[: -len(".partial")]) not in finals)
+    return finals + partials
+
+
+def open_runs(paths: list[str]) -> list[Run]:
+    """Open every run named (or every run in the current folder); a user error names the first
+    that cannot be opened, after closing the others."""
+    from workbench.store import open_run
+
+    targets = [Path(p) for p in paths] if paths else find_runs(Path.cwd())
+    if not targets:
+        raise UserError("no runs here (no *.h5 in the current folder); name one: workbench tui RUN")
+    runs: list[Run] = []
+    try:
+        for p in targets:
+            runs.append(open_run(p))
+    except BaseException:
+        for r in runs:
+            r.close()
+        raise
+    return runs
