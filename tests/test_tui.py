@@ -528,3 +528,32 @@ def test_plot_without_matplotlib_says_how_to_install(llama_run, tmp_path, monkey
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     r = invoke("plot", str(out), "-o", str(tmp_path / "x.png"))
     assert r.exit_code == 2 and "pip install 'workbench[plot]'" in r.output
+
+
+def test_long_runs_are_listed_a_page_at_a_time(tmp_path, monkeypatch):
+    import workbench.tui.app as app_module
+
+    monkeypatch.setattr(app_module, "PAGE", 4)
+    path = write_synthetic_run(tmp_path / "long.h5", n_prompts=10, seed=5)
+    run = workbench.open_run(path)
+    app = make_app([str(path)])
+
+    async def steps(pilot):  # type: ignore[no-untyped-def]
+        seen = []
+        for _ in range(5):
+            await pilot.press("n")
+            seen.append((app.focus_state.prompt, app.query_one("#prompts").option_count,
+                         plain(app.query_one("#prompts-label")).strip()))
+        await pilot.press("p")
+        seen.append((app.focus_state.prompt, None, plain(app.query_one("#prompts-label")).strip()))
+        await pilot.press("up")  # inside the page, the list itself moves
+        seen.append((app.focus_state.prompt, None, None))
+        return seen, plain(app.query_one("#strip"))
+
+    seen, strip = drive(app, steps)
+    assert seen[:5] == [(1, 4, "prompts 0–3 of 10"), (2, 4, "prompts 0–3 of 10"),
+                        (3, 4, "prompts 0–3 of 10"), (4, 4, "prompts 4–7 of 10"),
+                        (5, 4, "prompts 4–7 of 10")]
+    assert seen[5] == (4, None, "prompts 4–7 of 10")
+    assert seen[6][0] == 7  # arrows stay within the page (the list wraps); n / p cross pages
+    assert "".join(R.token_label(t, 16) + " " for t in run.str_tokens(7)).strip() in strip

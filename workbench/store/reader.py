@@ -292,7 +292,18 @@ class Run:
     @property
     def prompts(self) -> list[str]:
         """Prompt texts of the committed prompts, in capture order."""
-        return [self.prompt(i) for i in range(self._n)]
+        return self.prompt_texts(0, self._n)
+
+    def prompt_texts(self, start: int, stop: int) -> list[str]:
+        """Texts of prompts ``start`` to ``stop - 1`` (committed ones), read in one go."""
+        stop = min(stop, self._n)
+        if start >= stop:
+            return []
+        offsets = self._ds(S.offsets_name(S.PROMPT_TEXT))[start : stop + 1]
+        blob = self._ds(S.PROMPT_TEXT)[int(offsets[0]) : int(offsets[-1])].tobytes()
+        base = int(offsets[0])
+        return [blob[int(a) - base : int(b) - base].decode("utf-8")
+                for a, b in zip(offsets[:-1], offsets[1:])]
 
     @property
     def prompt_ids(self) -> list[str]:

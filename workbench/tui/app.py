@@ -51,10 +51,13 @@ VIEWS = (("attention", "1 Attention", AttentionView), ("residual", "2 Residual",
          ("topk", "3 Top-k", TopKView), ("info", "4 Run", InfoView))
 VIEW_NAMES = (*(v[0] for v in VIEWS), "results")
 POLL_SECONDS = 0.5
+PAGE = 1000
+"""Prompts listed at a time: Textual's option list measures every option, so a run of 20,000
+prompts is listed a page at a time (n / p and search cross pages)."""
 
 
-def _prompt_label(run: Run, i: int) -> Text:
-    text = run.prompt(i).replace("\n", " ")
+def _prompt_label(i: int, text: str) -> Text:
+    text = text.replace("\n", " ")
     # One line each: the sidebar is 24 columns (the rest of a long prompt is in the token strip).
     if len(text) > 17:
         text = text[:16] + "…"
@@ -85,11 +88,11 @@ class WorkbenchApp(App[None]):
         Binding("3", "show_view('topk')", "top-k predictions", show=False),
         Binding("4", "show_view('info')", "run metadata and provenance", show=False),
         Binding("5", "show_view('results')", "stored analysis results", show=False),
-        Binding("i", "toggle_ids", "ids"),
-        Binding("slash", "search", "find"),
-        Binding("a", "analyze", "analyse"),
-        Binding("s", "export_svg", "SVG"),
-        Binding("b", "toggle_sidebar", "sidebar", show=False),
+        Binding("i", "toggle_ids", "token ids"),
+        Binding("slash", "search", "find token"),
+        Binding("a", "analyze", "run analysis"),
+        Binding("s", "export_svg", "save SVG"),
+        Binding("b", "toggle_sidebar", "hide/show sidebar", show=False),
         Binding("question_mark", "help", "help"),
         Binding("q", "quit", "quit"),
     ]
@@ -106,7 +109,9 @@ class WorkbenchApp(App[None]):
         self.export_dir = export_dir or Path.cwd()
         self.poll_seconds = poll
         self._views: ViewRegistry | None = None
-        self._listed = 0
+        self._listed = 0  # prompts known (committed when last looked)
+        self._page_start = 0
+        self._page_filled = 0  # options in the list
         self.last_outcome: Outcome | None = None
         self.exported: list[Path] = []
 
@@ -152,23 +157,46 @@ class WorkbenchApp(App[None]):
         f = self.focus_state
         f.prompt = max(0, min(prompt, len(run) - 1)) if len(run) else 0
         f.pos = f.key = 0
-        prompts = self.query_one("#prompts", OptionList)
-        prompts.clear_options()
-        self._listed = 0
-        self._list_new_prompts()
-        if len(run):
-            prompts.highlighted = f.prompt
+        self._listed = len(run)
+        self._page_start = -1
+        self.select_prompt(f.prompt)
         self._update_title()
         self.refresh_views()
         if self.query_one("#views", TabbedContent).active == "tab-results":
             self._show_results()
 
-    def _list_new_prompts(self) -> None:
+    def select_prompt(self, i: int) -> None:
+        """Highlight prompt ``i`` in the list (turning the page if needed); the highlight event
+        makes it the focused prompt."""
+        run = self.active_run
+        i = max(0, min(i, len(run) - 1))
+        start = (i // PAGE) * PAGE
         prompts = self.query_one("#prompts", OptionList)
+        if start != self._page_start:
+            self._page_start = start
+            self._page_filled = 0
+            prompts.clear_options()
+            self._fill_page()
+        if len(run):
+            prompts.highlighted = i - start
+            if i != self.focus_state.prompt:
+                self.focus_state.prompt = i
+                self.refresh_views()
+
+    def _fill_page(self) -> None:
+        """Add the page's prompts committed since it was last filled."""
+        start = self._page_start + self._page_filled
+        stop = min(len(self.active_run), self._page_start + PAGE)
+        if stop > start:
+            texts = self.active_run.prompt_texts(start, stop)
+            self.query_one("#prompts", OptionList).add_options(
+                [Option(_prompt_label(start + k, t)) for k, t in enumerate(texts)])
+            self._page_filled += len(texts)
         n = len(self.active_run)
-        if n > self._listed:
-            prompts.add_options([Option(_prompt_label(self.active_run, i)) for i in range(self._listed, n)])
-            self._listed = n
+        label = "prompts"
+        if n > PAGE:
+            label = f"prompts {self._page_start}–{self._page_start + self._page_filled - 1} of {n}"
+        self.query_one("#prompts-label", Label).update(label)
 
     def _update_title(self) -> None:
         run = self.active_run
@@ -202,8 +230,9 @@ class WorkbenchApp(App[None]):
 
     def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
         if event.option_list.id == "prompts" and event.option_index is not None:
-            if event.option_index != self.focus_state.prompt:
-                self.focus_state.prompt = event.option_index
+            index = self._page_start + event.option_index
+            if index != self.focus_state.prompt:
+                self.focus_state.prompt = index
                 self.refresh_views()
         elif event.option_list.id == "runs" and event.option_index is not None:
             run = self.runs[event.option_index]
@@ -226,11 +255,11 @@ class WorkbenchApp(App[None]):
             run.close()
             self.active_run = run = fresh
         before = self._listed
-        run.refresh()
-        self._list_new_prompts()
+        self._listed = run.refresh()
+        self._fill_page()
         self._update_title()
         if before == 0 and len(run):
-            self.query_one("#prompts", OptionList).highlighted = 0
+            self.select_prompt(0)
             self.refresh_views()
 
     # --- actions -------------------------------------------------------------------------------
@@ -263,8 +292,7 @@ class WorkbenchApp(App[None]):
     def action_prompt(self, step: int) -> None:
         if not len(self.active_run):
             return
-        prompts = self.query_one("#prompts", OptionList)
-        prompts.highlighted = max(0, min(len(self.active_run) - 1, self.focus_state.prompt + step))
+        self.select_prompt(self.focus_state.prompt + step)
 
     def action_show_view(self, name: str) -> None:
         self.query_one("#views", TabbedContent).active = f"tab-{name}"
@@ -304,9 +332,7 @@ class WorkbenchApp(App[None]):
             for p in range(first, last):
                 if needle in tokens[p].lower():
                     f.pos = p
-                    if i != f.prompt:
-                        f.prompt = i
-                        self.query_one("#prompts", OptionList).highlighted = i
+                    self.select_prompt(i)
                     self.refresh_views()
                     return True
         self.notify(f"no token contains {text!r}", severity="warning")

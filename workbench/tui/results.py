@@ -97,7 +97,7 @@ class ResultsPanel(Horizontal):
 
     DEFAULT_CSS = """
     ResultsPanel { height: 1fr; }
-    ResultsPanel > #result-list { width: 30; height: 1fr; }
+    ResultsPanel > #result-list { width: 22; height: 1fr; }
     ResultsPanel > #result-body { width: 1fr; height: 1fr; padding: 0 1; }
     """
 
