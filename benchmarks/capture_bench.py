@@ -217,7 +217,11 @@ def main() -> None:
     text = report(results, small, disk, args.repeats, ratio, rounds)
     print(text)
     if args.write:
-        Path(args.write).write_text(text)
+        target = Path(args.write)
+        # Keep the other benchmarks' sections (benchmarks/tui_bench.py writes its own).
+        old = target.read_text() if target.exists() else ""
+        keep = old[old.index("\n## Terminal UI"):] if "\n## Terminal UI" in old else ""
+        target.write_text(text.rstrip("\n") + "\n" + keep)
 
 
 def report(results, small, disk: float, repeats: int, ratios, rounds) -> str:

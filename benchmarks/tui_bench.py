@@ -25,10 +25,10 @@ from pathlib import Path
 ROUNDS = 5
 CASES = {
     # name: (description, write_synthetic_run keyword arguments)
-    "small": ("6 prompts of 4-12 tokens, 2 layers", dict(n_prompts=6)),
+    "small": ("6 prompts of 4-12 tokens, 2 layers", {"n_prompts": 6}),
     "big": ("16 prompts of ~700 tokens, all attention patterns of 8 layers x 8 heads",
-            dict(n_prompts=16, n_layers=8, n_heads=8, d_model=64, lengths=(680, 720))),
-    "many": ("20,000 prompts of 4-12 tokens", dict(n_prompts=20_000, batch_size=500)),
+            {"n_prompts": 16, "n_layers": 8, "n_heads": 8, "d_model": 64, "lengths": (680, 720)}),
+    "many": ("20,000 prompts of 4-12 tokens", {"n_prompts": 20_000, "batch_size": 500}),
 }
 
 
@@ -96,11 +96,11 @@ def main() -> None:
     lines = [
         "## Terminal UI: time to the first screen",
         "",
-        f"`{' '.join(['python', 'benchmarks/tui_bench.py'])}` — {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}; `workbench tui RUN` started in "
+        (f"`python benchmarks/tui_bench.py` — {platform.processor() or platform.machine()}, "
+         f"{os.cpu_count()} cores, Python {platform.python_version()}; `workbench tui RUN` started in "
         f"tmux (80×24) until the attention view's cursor line is drawn; median of {ROUNDS} starts "
         "(process start, imports, opening the run and drawing included). \"Next prompt\": pressing "
-        "`n` until the new prompt is drawn.",
+        "`n` until the new prompt is drawn."),
         "",
         "| run | file size | first screen (median) | min – max | next prompt | ratio to small |",
         "|---|---:|---:|---:|---:|---:|",

@@ -287,10 +287,12 @@ def predict_cmd(prompts: tuple[str, ...], model_name: str, device: str, bos: str
 @model_option
 @click.option("-o", "--out", default="runs/demo.h5", show_default=True, type=click.Path(dir_okay=False),
               help="Run file the demo writes (replaced on every run).")
-def demo_cmd(model_name: str, device: str, bos: str | None, out: str) -> None:
+@click.option("--tui/--no-tui", "open_tui", default=None,
+              help="Open the run in the terminal UI at the end.  [default: when in a terminal]")
+def demo_cmd(model_name: str, device: str, bos: str | None, out: str, open_tui: bool | None) -> None:
     """The main job: capture sample prompts with the default model into a run, read the
-    predictions back from the run (without the model), and run the analyses whose inputs the run
-    holds, storing their results beside it."""
+    predictions back from the run (without the model), run the analyses whose inputs the run
+    holds, storing their results beside it, and open the run in the terminal UI."""
     from pathlib import Path
 
     import numpy as np
@@ -336,8 +338,14 @@ def demo_cmd(model_name: str, device: str, bos: str | None, out: str) -> None:
         console.print(f"\n[bold]run[/] {path}: {len(run)} prompts, {run.n_tokens_total()} tokens, "
                       f"{len(run.hooks)} stored tensors ({len(run.hook_names)} hook names), "
                       f"{run.size_bytes() / 1e6:.1f} MB; analysis results in {path}.results/. "
-                      f"Explore it with 'workbench inspect {path}', 'workbench analyze {path}' or "
-                      f"workbench.open_run('{path}').")
+                      f"Explore it with 'workbench tui {path}', 'workbench inspect {path}', "
+                      f"'workbench analyze {path}' or workbench.open_run('{path}').")
+    if open_tui is None:
+        open_tui = sys.stdin.isatty() and sys.stdout.isatty()
+    if open_tui:
+        from workbench.tui import make_app
+
+        make_app([str(path)]).run()
 
 
 # --- capture / inspect -----------------------------------------------------------------------------

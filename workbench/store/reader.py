@@ -303,7 +303,7 @@ class Run:
         blob = self._ds(S.PROMPT_TEXT)[int(offsets[0]) : int(offsets[-1])].tobytes()
         base = int(offsets[0])
         return [blob[int(a) - base : int(b) - base].decode("utf-8")
-                for a, b in zip(offsets[:-1], offsets[1:])]
+                for a, b in itertools.pairwise(offsets)]
 
     @property
     def prompt_ids(self) -> list[str]:
