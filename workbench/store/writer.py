@@ -272,10 +272,11 @@ class RunWriter:
     def _write_vocab(self, vocab: list[str]) -> None:
         encoded = [v.encode("utf-8", "surrogatepass") for v in vocab]
         ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
-        self.f.create_dataset(S.VOCAB, data=np.frombuffer(b"".join(encoded), np.uint8),
-                              compression="gzip", compression_opts=4)
-        self.f.create_dataset(S.VOCAB_OFFSETS, data=np.concatenate([[0], ends]).astype(np.int64),
-                              compression="gzip", compression_opts=4)
+        # Uncompressed and resizable like the other datasets: Debian's h5dump fails on files with
+        # gzip-compressed datasets written by this h5py (checked in tests/test_capture.py).
+        for name, data in ((S.VOCAB, np.frombuffer(b"".join(encoded), np.uint8)),
+                           (S.VOCAB_OFFSETS, np.concatenate([[0], ends]).astype(np.int64))):
+            self.f.create_dataset(name, data=data, maxshape=(None,), chunks=(min(len(data), 1 << 16),))
 
     # --- appending ----------------------------------------------------------------------------
 
