@@ -557,3 +557,27 @@ def test_long_runs_are_listed_a_page_at_a_time(tmp_path, monkeypatch):
     assert seen[5] == (4, None, "prompts 4–7 of 10")
     assert seen[6][0] == 7  # arrows stay within the page (the list wraps); n / p cross pages
     assert "".join(R.token_label(t, 16) + " " for t in run.str_tokens(7)).strip() in strip
+
+
+def test_encoder_decoder_cross_attention_view(tmp_path, tiny_models):
+    model = tiny_models["tiny-t5"]
+    out = tmp_path / "t5.h5"
+    workbench.capture(model, [{"prompt": "translate this please", "target": "das hier"}],
+                      hooks=["attention"], out=out, progress=False)
+    run = workbench.open_run(out)
+    hooks = R.pattern_hooks(run)
+    cross = next(k for k, h in enumerate(hooks) if "cross" in h)
+    app = make_app([str(out)])
+
+    async def steps(pilot):  # type: ignore[no-untyped-def]
+        await pilot.press("right", *["right_square_bracket"] * cross, "shift+right", "shift+right")
+        await pilot.pause()
+        return plain(app.view_widget()), app.view_widget().readout()
+
+    text, readout = drive(app, steps)
+    name = hooks[cross]
+    pattern = run.activation(name, 0)
+    q_tokens, k_tokens = run.axis_tokens(name, 0)[1:]
+    assert name in text and "cross-attention" in text
+    q = min(1, len(q_tokens) - 1)
+    assert readout == f"query {q} {q_tokens[q]!r} → key 2 {k_tokens[2]!r}: {float(pattern[0, q, 2]):.4f}"

@@ -61,6 +61,8 @@ def plot_attention(run: Run, i: int, out: str, *, hook: str | None = None, layer
                 raise UserError(f"no attention pattern of layer {layer} in this run "
                                 f"(stored: {', '.join(hooks[:4])}{' ...' if len(hooks) > 4 else ''})")
             hook = named[0]
+    if run.resolve(hook).layout != "square":
+        raise UserError(f"{hook} is not an attention pattern (its axes: {', '.join(run.axes(hook))})")
     pattern = run.activation(hook, i)
     if not 0 <= head < pattern.shape[0]:
         raise UserError(f"head {head} does not exist: {hook} has heads 0..{pattern.shape[0] - 1}")

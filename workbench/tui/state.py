@@ -3,7 +3,7 @@ the app changes it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,6 @@ class Focus:
     point: int = 0
     """Row of the residual-norm view (a point of the residual stream)."""
     show_ids: bool = False
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 def find_runs(folder: Path) -> list[Path]:

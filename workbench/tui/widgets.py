@@ -160,8 +160,9 @@ class AttentionView(RunView):
         q_tokens, k_tokens = run.axis_tokens(name, focus.prompt)[1:]
         assert q_tokens is not None and k_tokens is not None
         q_stream, k_stream = spec.square_streams()
-        qpos = min(focus.pos, len(q_tokens) - 1) if q_stream == "tokens" else min(
-            focus.extra.get("query", 0), len(q_tokens) - 1)
+        # The strip's position is the query on every stream (a decoder query past the encoder's
+        # length is reached by clamping; the cursor line names the query token).
+        qpos = min(focus.pos, len(q_tokens) - 1)
         focus.key = max(0, min(focus.key, len(k_tokens) - 1))
         weight = float(pattern[focus.head, qpos, focus.key])
         self._readout = (f"query {qpos} {q_tokens[qpos]!r} → key {focus.key} "
@@ -218,8 +219,7 @@ class TopKView(RunView):
             return Text("this run has no predictions: its model has no trained LM head", style="dim")
         stream = run.lm_stream
         tokens = run.str_tokens(focus.prompt, stream)
-        pos = min(focus.pos, len(tokens) - 1) if stream == "tokens" else min(
-            focus.extra.get("query", 0), len(tokens) - 1)
+        pos = min(focus.pos, len(tokens) - 1)
         ids, logprobs = run.top_k(focus.prompt)
         names = run.token_strings(ids[pos])
         target = None
