@@ -33,6 +33,15 @@ class RunView(Static):
         super().__init__("", **kwargs)
         self.run: Run | None = None
         self.focus_state: Focus | None = None
+        self._cache: tuple[Any, Any] | None = None
+
+    def cached(self, key: Any, compute: Any) -> Any:
+        """``compute()``, kept for as long as ``key`` stays the same: moving the cursor redraws
+        without reading the run again (a prompt's arrays change only with the prompt, the layer
+        or the run)."""
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, compute())
+        return self._cache[1]
 
     def show(self, run: Run, focus: Focus) -> None:
         self.run, self.focus_state = run, focus
@@ -154,7 +163,8 @@ class AttentionView(RunView):
         focus.pattern %= len(hooks)
         name = hooks[focus.pattern]
         spec = run.resolve(name)
-        pattern = run.activation(name, focus.prompt)  # (heads, q, k)
+        pattern = self.cached((run, focus.prompt, name),
+                              lambda: run.activation(name, focus.prompt))  # (heads, q, k)
         n_heads = pattern.shape[0]
         focus.head %= n_heads
         q_tokens, k_tokens = run.axis_tokens(name, focus.prompt)[1:]
@@ -190,7 +200,7 @@ class NormsView(RunView):
     title = "Residual"
 
     def draw(self, run: Run, focus: Focus, width: int, height: int) -> Any:
-        labels, norms = R.residual_norms(run, focus.prompt)
+        labels, norms = self.cached((run, focus.prompt), lambda: R.residual_norms(run, focus.prompt))
         if not labels:
             self._readout = ""
             return Text("this run stores no residual stream (capture with --hooks residual)", style="dim")
