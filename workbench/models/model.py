@@ -307,12 +307,15 @@ class Model:
                 str(cfg.positional_embedding_type), str(cfg.positional_embedding_type)
             ),
             attention=attention,
-            tied_embeddings=bool(getattr(self.bridge.original_model.config, "tie_word_embeddings", False)),
+            tied_embeddings=bool(getattr(getattr(self.bridge.original_model, "config", None),
+                                         "tie_word_embeddings", False)),
             has_lm_head=self.source.has_lm_head,
             bos=self._bos_info(),
             dtype=dtype,
             device=self.device,
-            numerics="TransformerBridge, raw Hugging Face weights (no folding), eager attention",
+            numerics=("TransformerBridge, raw Hugging Face weights (no folding), eager attention"
+                      if hasattr(self.bridge.original_model, "config")
+                      else "TransformerBridge over a TransformerLens native model (no folding)"),
             n_hook_names=len(names),
             provenance=self.provenance,
             description=self.source.description,

@@ -432,6 +432,22 @@ class Run:
             values = ds[start:end]
         return S.decode_values(values, ds.attrs.get("encoding") or None)
 
+    def attention_row(self, hook: str, i: int, q: int) -> np.ndarray:
+        """Row ``q`` of every head of a stored attention pattern (or any square-layout tensor) of
+        prompt ``i``: ``activation(hook, i)[:, q, :]``, ``(heads, k)``, reading only that row."""
+        spec = self.resolve(hook)
+        if spec.layout != "square":
+            raise UserError(f"{hook} is not an attention pattern (layout {spec.layout})")
+        i = self._check(i)
+        qs, ks = spec.square_streams()
+        nq, nk = self.n_tokens(i, qs), self.n_tokens(i, ks)
+        if not 0 <= q < nq:
+            raise UserError(f"query position {q} is out of range (prompt {i} has {nq} query tokens)")
+        ds = self._ds(f"{S.ACTS}/{spec.name}")
+        start = int(self._ds(f"{S.ACTS_OFFSETS}/{spec.name}")[i])
+        rows = [ds[start + (h * nq + q) * nk : start + (h * nq + q + 1) * nk] for h in range(spec.feature_shape[0])]
+        return S.decode_values(np.stack(rows), ds.attrs.get("encoding") or None)
+
     def cache(self, i: int, model: Any = None, *, device: str = "cpu",
               remove_batch_dim: bool = False) -> Any:
         """Prompt ``i`` as a TransformerLens ``ActivationCache``, so TransformerLens analysis code

@@ -29,6 +29,7 @@ from textual.widgets import (
 from textual.widgets.option_list import Option
 
 from workbench.tui import render as R
+from workbench.tui.messages import ShowAttentionHead
 from workbench.tui.results import ResultsPanel
 from workbench.tui.screens import AnalysisPicker, HelpScreen, SearchScreen
 from workbench.tui.state import Focus
@@ -221,6 +222,27 @@ class WorkbenchApp(App[None]):
         widget = self.view_widget()
         if isinstance(widget, RunView):
             widget.show(run, f)
+        elif self.active_view() == "results":
+            self.follow_results()
+
+    def follow_results(self) -> None:
+        """Tell the plugin views on screen that implement ``follow(run, focus)`` where the focus
+        is (``workbench.tui.messages``)."""
+        for widget in self.query(".result-view"):
+            follow = getattr(widget, "follow", None)
+            if callable(follow):
+                follow(self.active_run, self.focus_state)
+
+    def on_show_attention_head(self, message: ShowAttentionHead) -> None:
+        """A plugin's view asked for a head's heatmap."""
+        hooks = R.pattern_hooks(self.active_run)
+        if message.hook not in hooks:
+            self.notify(f"{message.hook} is not stored in this run", severity="warning")
+            return
+        self.focus_state.pattern = hooks.index(message.hook)
+        self.focus_state.head = message.head
+        self.action_show_view("attention")
+        self.refresh_views()
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         if self.active_view() == "results":

@@ -171,3 +171,6 @@ class ResultsPanel(Horizontal):
         body = self.query_one("#result-body", VerticalScroll)
         await body.remove_children()
         await body.mount_all(widgets)
+        follow = getattr(self.app, "follow_results", None)
+        if callable(follow):
+            follow()
