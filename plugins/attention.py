@@ -1,0 +1,545 @@
+"""Attention analyses: head roles, where a token looks, and mechanics checks.
+
+``head-roles``
+    A score for every attention head (query heads; grouped-query models also name each head's
+    key/value head): previous-token, next-token (bidirectional attention only), duplicate-token,
+    first-token (attention sink), mean attention distance and entropy, from the attention patterns
+    stored in the run; and induction, from seeded repeated random-token sequences the analysis
+    builds and runs through the live model (decoders). Encoder self-attention, decoder
+    self-attention and cross-attention each get the scores that apply to them. The result also
+    carries the mechanics checks of every stored pattern: rows sum to 1, and causal patterns are
+    exactly zero above the diagonal (measured on the stored values, not assumed).
+
+``attends-to``
+    "Where does this token look?": for one query position of one prompt, the keys each head of
+    each layer attends to most, with their weights (the classic "it" → "the animal").
+
+Scores (per head, averaged over prompts, each prompt weighing the same):
+
+- ``previous_token``: mean over query positions q ≥ 1 of the weight on key q − 1.
+- ``next_token``: mean over q < n − 1 of the weight on key q + 1 (bidirectional attention only).
+- ``duplicate_token``: mean, over the query positions whose token occurs at another key position
+  (earlier ones only, for causal attention; in the other stream, for cross-attention), of the
+  total weight on those positions.
+- ``induction``: on sequences ``[prefix] r r`` (r: ``length`` random tokens), mean over the
+  second copy's positions of the weight on the token after the same token's earlier occurrence(s)
+  (TransformerLens' induction detection pattern); decoders only.
+- ``first_token``: mean weight on key 0 (causal: over q ≥ 1, since row 0 has no choice).
+- ``mean_distance``: mean over queries of Σ_k weight·|q − k| (self-attention only).
+- ``entropy``: mean over queries of −Σ_k weight·ln(weight), in nats.
+
+``previous_token_tl``, ``duplicate_token_tl`` and ``induction_tl`` (causal self-attention) are
+TransformerLens' ``head_detector.detect_head(..., error_measure="mul")`` scores on the same
+sequences: the pattern's weight on the detection pattern's cells over its total weight, including
+rows where the detection pattern is empty (so they are smaller than the row means above).
+
+Registered through the ``workbench`` entry-point group like any third-party plugin.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from workbench import hookimpl
+from workbench.analysis import Analysis, AnalysisContext, Param, Result
+from workbench.views import View
+
+if TYPE_CHECKING:
+    from workbench.store.reader import Run
+    from workbench.store.results import StoredResult
+
+SCORES = ("previous_token", "next_token", "duplicate_token", "induction", "first_token",
+          "mean_distance", "entropy")
+TL_SCORES = ("previous_token_tl", "duplicate_token_tl", "induction_tl")
+DESCRIPTIONS = {
+    "previous_token": "weight on the previous token",
+    "next_token": "weight on the next token (bidirectional attention)",
+    "duplicate_token": "weight on other occurrences of the same token",
+    "induction": "weight on the token after the earlier occurrence (repeated random tokens)",
+    "first_token": "weight on the first token (attention sink)",
+    "mean_distance": "mean |query - key| distance, weighted by attention",
+    "entropy": "entropy of the attention distribution (nats)",
+}
+
+
+# --- which patterns, of what kind ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PatternHook:
+    """One stored attention pattern and how to read it."""
+
+    name: str
+    stack: str
+    """``blocks`` (decoder or encoder-only), ``encoder``, ``decoder`` (self-attention), ``cross``."""
+    layer: int
+    causal: bool
+    cross: bool
+    q_stream: str
+    k_stream: str
+
+    @property
+    def label(self) -> str:
+        return {"blocks": "L", "encoder": "E", "decoder": "D", "cross": "X"}[self.stack] + str(self.layer)
+
+
+def pattern_hooks(run: Run) -> list[PatternHook]:
+    """The run's stored attention patterns (``hook_pattern``), in depth order."""
+    family = run.settings.get("family") or run.model_info.get("family")
+    out = []
+    for spec in run.hooks.values():
+        if spec.layout != "square" or not spec.name.endswith("hook_pattern"):
+            continue
+        m = re.search(r"(encoder_blocks|decoder_blocks|blocks)\.(\d+)\.", spec.name)
+        if not m:
+            continue
+        q, k = spec.square_streams()
+        cross = q != k or "cross_attn" in spec.name
+        if m.group(1) == "encoder_blocks":
+            stack = "encoder"
+        elif m.group(1) == "decoder_blocks":
+            stack = "cross" if cross else "decoder"
+        else:
+            stack = "blocks"
+        causal = not cross and (family == "decoder" or stack == "decoder")
+        out.append(PatternHook(spec.name, stack, int(m.group(2)), causal, cross, q, k))
+    order = {"blocks": 0, "encoder": 0, "decoder": 1, "cross": 2}
+    return sorted(out, key=lambda h: (order[h.stack], h.layer))
+
+
+def kv_groups(run: Run) -> int:
+    """Query heads per key/value head (1 without grouped-query attention)."""
+    info = run.model_info
+    n, kv = int(info.get("n_heads") or 1), int(info.get("n_kv_heads") or info.get("n_heads") or 1)
+    return max(1, n // kv) if kv else 1
+
+
+# --- scores of one pattern ----------------------------------------------------------------------
+
+
+def _row_mean(weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Mean over the selected query rows of per-row values ``weights`` (heads, q)."""
+    if not rows.any():
+        return np.full(weights.shape[0], np.nan)
+    return weights[:, rows].mean(axis=1)
+
+
+def duplicate_mask(q_tokens: np.ndarray, k_tokens: np.ndarray, *, causal: bool, cross: bool) -> np.ndarray:
+    """(q, k) True where key k holds the query's token at another position (earlier, if causal)."""
+    same = q_tokens[:, None] == k_tokens[None, :]
+    if not cross:
+        np.fill_diagonal(same, False)
+        if causal:
+            same &= np.tri(len(q_tokens), len(k_tokens), -1, dtype=bool)
+    return same
+
+
+def induction_mask(tokens: np.ndarray) -> np.ndarray:
+    """(q, k) True where k is the position right after an earlier occurrence of token q
+    (TransformerLens' ``get_induction_head_detection_pattern``)."""
+    dup = duplicate_mask(tokens, tokens, causal=True, cross=False)
+    out = np.zeros_like(dup)
+    out[:, 1:] = dup[:, :-1]
+    return out & np.tri(len(tokens), dtype=bool)
+
+
+def mask_scores(pattern: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row-mean score, TransformerLens "mul" score) per head for a detection mask."""
+    p = pattern.astype(np.float64)
+    on = (p * mask[None]).sum(axis=2)  # heads, q
+    rows = np.asarray(mask.any(axis=1))
+    tl = on.sum(axis=1) / p.sum(axis=(1, 2))
+    return _row_mean(on, rows), tl
+
+
+def pattern_scores(pattern: np.ndarray, q_tokens: np.ndarray, k_tokens: np.ndarray, *,
+                   causal: bool, cross: bool) -> dict[str, np.ndarray]:
+    """Every score of :data:`SCORES` (but induction) that applies, per head, for one prompt's
+    pattern ``(heads, q, k)``; inapplicable ones are NaN."""
+    p = pattern.astype(np.float64)
+    h, nq, nk = p.shape
+    nan = np.full(h, np.nan)
+    out: dict[str, np.ndarray] = {}
+    qi = np.arange(nq)
+    if not cross:
+        prev = np.zeros((nq, nk), dtype=bool)
+        prev[qi[1:], qi[1:] - 1] = True
+        out["previous_token"], out["previous_token_tl"] = mask_scores(p, prev)
+        if causal:
+            out["next_token"] = nan
+        else:
+            nxt = np.zeros((nq, nk), dtype=bool)
+            nxt[qi[:-1], qi[:-1] + 1] = True
+            out["next_token"] = mask_scores(p, nxt)[0]
+            out["previous_token_tl"] = nan
+    else:
+        out["previous_token"] = out["next_token"] = out["previous_token_tl"] = nan
+    dup = duplicate_mask(q_tokens, k_tokens, causal=causal, cross=cross)
+    out["duplicate_token"], out["duplicate_token_tl"] = mask_scores(p, dup)
+    if not causal:
+        out["duplicate_token_tl"] = nan
+    rows = qi >= 1 if causal else np.ones(nq, dtype=bool)
+    out["first_token"] = _row_mean(p[:, :, 0], rows)
+    if cross:
+        out["mean_distance"] = nan
+    else:
+        dist = np.abs(qi[:, None] - np.arange(nk)[None, :])
+        out["mean_distance"] = (p * dist[None]).sum(axis=2).mean(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    out["entropy"] = -plogp.sum(axis=2).mean(axis=1)
+    return out
+
+
+def check_pattern(pattern: np.ndarray, *, causal: bool) -> dict[str, float]:
+    """Mechanics of one stored pattern: the largest |row sum - 1|, and for causal attention the
+    largest |value| above the diagonal and how many such values are not exactly zero."""
+    p = pattern.astype(np.float64)
+    out = {"max_row_sum_error": float(np.abs(p.sum(axis=2) - 1.0).max()) if p.size else 0.0}
+    if causal:
+        upper = np.triu(np.ones(p.shape[1:], dtype=bool), 1)
+        above = p[:, upper]
+        out["max_above_diagonal"] = float(np.abs(above).max()) if above.size else 0.0
+        out["nonzero_above_diagonal"] = int(np.count_nonzero(above))
+    return out
+
+
+# --- induction on the live model ----------------------------------------------------------------
+
+
+def repeated_sequences(model: Any, n: int, length: int, seed: int) -> tuple[np.ndarray, int]:
+    """``n`` seeded sequences ``prefix + r + r`` (r: ``length`` random non-special token ids),
+    the prefix being what the model's BOS policy puts before a text; returns (tokens, prefix
+    length)."""
+    rng = np.random.default_rng(seed)
+    specials = set(getattr(model.tokenizer, "all_special_ids", []) or [])
+    vocab = int(model.info.d_vocab)
+    pool = np.array([i for i in range(min(vocab, len(model.tokenizer))) if i not in specials])
+    prefix_tokens = list(model.info.bos.prefix)
+    prefix = [int(i) for i in model.tokenizer.convert_tokens_to_ids(prefix_tokens)] if prefix_tokens else []
+    seqs = []
+    for _ in range(n):
+        r = rng.choice(pool, size=length, replace=len(pool) < length)
+        seqs.append(np.concatenate([np.array(prefix, dtype=np.int64), r, r]))
+    return np.stack(seqs).astype(np.int64), len(prefix)
+
+
+def induction_scores(model: Any, n: int, length: int, seed: int,
+                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Induction scores per (pattern hook, head) on repeated random tokens, with the loss on each
+    half (in-context learning: the second half is predictable)."""
+    import torch
+
+    tokens, n_prefix = repeated_sequences(model, n, length, seed)
+    names = [h for h in model.hook_names if h.endswith("attn.hook_pattern") and h.startswith("blocks.")]
+    row: dict[str, list[np.ndarray]] = {h: [] for h in names}
+    tl: dict[str, list[np.ndarray]] = {h: [] for h in names}
+    first, second = [], []
+    for s, seq in enumerate(tokens):
+        t = torch.as_tensor(seq[None], device=model.device)
+        with torch.inference_mode():
+            logits, cache = model.bridge.run_with_cache(t, names_filter=names)
+        logp = torch.log_softmax(logits[0].double(), -1)[:-1].gather(-1, t[0, 1:, None])[:, 0].cpu().numpy()
+        # prediction of token j+1 at position j; the first copy's tokens are unpredictable
+        first.append(-logp[n_prefix : n_prefix + length - 1].mean())
+        second.append(-logp[n_prefix + length :].mean())
+        mask = induction_mask(seq)
+        for h in names:
+            pattern = cache[h][0].float().cpu().numpy()
+            r, t_ = mask_scores(pattern, mask)
+            row[h].append(r)
+            tl[h].append(t_)
+        if progress:
+            progress(s + 1, len(tokens))
+    return {
+        "row": {h: np.mean(v, axis=0) for h, v in row.items()},
+        "tl": {h: np.mean(v, axis=0) for h, v in tl.items()},
+        "loss_first_half": float(np.mean(first)), "loss_second_half": float(np.mean(second)),
+        "n_prefix": n_prefix, "tokens": tokens,
+    }
+
+
+# --- head-roles ---------------------------------------------------------------------------------
+
+
+def _mean(values: list[np.ndarray]) -> np.ndarray:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: not applicable
+        return np.nanmean(np.stack(values), axis=0)
+
+
+def _tolerance(run: Run) -> float:
+    return 1e-5 if run.storage_dtype == "float32" else 1e-2
+
+
+def compute_head_roles(ctx: AnalysisContext) -> Result:
+    run, params = ctx.run, ctx.params
+    hooks = pattern_hooks(run)
+    if not hooks:
+        raise ValueError("the run stores no attention pattern (capture with --for head-roles)")
+    prompts = list(ctx.prompts)
+    per: dict[str, dict[str, list[np.ndarray]]] = {h.name: {} for h in hooks}
+    checks: dict[str, dict[str, Any]] = {h.name: {"hook": h.name, "causal": h.causal, "max_row_sum_error": 0.0,
+                       **({"max_above_diagonal": 0.0, "nonzero_above_diagonal": 0} if h.causal else {})}
+              for h in hooks}
+    total = len(prompts) + (params["seqs"] if params["induction"] else 0)
+    for done, i in enumerate(prompts):
+        streams = {s: run.tokens(i, s) for s in {x for h in hooks for x in (h.q_stream, h.k_stream)}}
+        for h in hooks:
+            pattern = run.activation(h.name, i)
+            for key, value in pattern_scores(pattern, streams[h.q_stream], streams[h.k_stream],
+                                             causal=h.causal, cross=h.cross).items():
+                per[h.name].setdefault(key, []).append(value)
+            c = check_pattern(pattern, causal=h.causal)
+            acc = checks[h.name]
+            acc["max_row_sum_error"] = max(acc["max_row_sum_error"], c["max_row_sum_error"])
+            if h.causal:
+                acc["max_above_diagonal"] = max(acc["max_above_diagonal"], c["max_above_diagonal"])
+                acc["nonzero_above_diagonal"] += c["nonzero_above_diagonal"]
+        ctx.progress(done + 1, total)
+    tol = _tolerance(run)
+    for acc in checks.values():
+        acc["rows_sum_to_one"] = acc["max_row_sum_error"] <= tol
+        if acc["causal"]:
+            acc["zero_above_diagonal"] = acc["nonzero_above_diagonal"] == 0
+        acc["ok"] = acc["rows_sum_to_one"] and acc.get("zero_above_diagonal", True)
+
+    family = run.settings.get("family") or run.model_info.get("family")
+    induction: dict[str, Any] | None = None
+    if params["induction"] and family == "decoder":
+        model = ctx.model()
+        induction = induction_scores(model, params["seqs"], params["length"], params["seed"],
+                                     progress=lambda d, n: ctx.progress(len(prompts) + d, total))
+
+    groups = kv_groups(run)
+    records: list[dict[str, Any]] = []
+    for h in hooks:
+        means = {k: _mean(v) for k, v in per[h.name].items()} if prompts else {}
+        n_heads = next(iter(means.values())).shape[0] if means else int(run.model_info.get("n_heads") or 0)
+        for head in range(n_heads):
+            rec: dict[str, Any] = {"hook": h.name, "stack": h.stack, "label": f"{h.label}H{head}",
+                                   "layer": h.layer, "head": head,
+                                   "kv_head": head // groups if groups > 1 and h.stack == "blocks" else None}
+            for k in (*SCORES, *TL_SCORES):
+                v = means.get(k)
+                rec[k] = None if v is None or not np.isfinite(v[head]) else float(v[head])
+            if induction is not None and h.name in induction["row"]:
+                rec["induction"] = float(induction["row"][h.name][head])
+                rec["induction_tl"] = float(induction["tl"][h.name][head])
+            records.append(rec)
+
+    def top(score: str) -> dict[str, Any] | None:
+        scored = [r for r in records if r[score] is not None]
+        return max(scored, key=lambda r: r[score]) if scored else None
+
+    data = {
+        "family": family, "n_prompts": len(prompts), "kv_groups": groups, "scores": list(SCORES),
+        "heads": records,
+        "top": {s: (t["label"] if (t := top(s)) else None) for s in SCORES},
+        "checks": list(checks.values()),
+        "checks_ok": all(c["ok"] for c in checks.values()),
+        "check_tolerance": tol,
+        "induction": None if induction is None else {
+            "seqs": params["seqs"], "length": params["length"], "seed": params["seed"],
+            "prefix_tokens": induction["n_prefix"],
+            "loss_first_half": induction["loss_first_half"],
+            "loss_second_half": induction["loss_second_half"]},
+    }
+    table = np.array([[np.nan if r[s] is None else r[s] for s in SCORES] for r in records], dtype=np.float64)
+    arrays = {"scores": table.reshape(len(records), len(SCORES))}
+    if induction is not None:
+        arrays["induction_tokens"] = induction["tokens"]
+    return Result(data=data, arrays=arrays)
+
+
+def _fmt(v: Any, width: int = 7) -> str:
+    return f"{v:{width}.3f}" if isinstance(v, float) else f"{'-':>{width}}"
+
+
+def render_head_roles(result: Result, limit: int = 8) -> str:
+    d = result.data
+    lines: list[str] = []
+    ind = d.get("induction")
+    if ind:
+        lines.append(f"induction: {ind['seqs']} sequences of {ind['length']} random tokens repeated "
+                     f"(seed {ind['seed']}); loss {ind['loss_first_half']:.2f} nats on the first copy, "
+                     f"{ind['loss_second_half']:.2f} on the second")
+    lines.append(f"{d['n_prompts']} prompts; strongest head per role: "
+                 + ", ".join(f"{s} {t}" for s, t in d["top"].items() if t))
+    lines.append("")
+    short = {"previous_token": "prev", "next_token": "next", "duplicate_token": "dup",
+             "induction": "induct", "first_token": "first", "mean_distance": "dist", "entropy": "entropy"}
+    shown = [s for s in SCORES if any(r[s] is not None for r in d["heads"])]
+    for score in [s for s in shown if s not in ("mean_distance", "entropy")]:
+        ranked = sorted((r for r in d["heads"] if r[score] is not None), key=lambda r: -r[score])[:limit]
+        lines.append(f"top {score} heads ({DESCRIPTIONS[score]}):")
+        lines.append(f"  {'head':8} {'kv':>3} " + " ".join(f"{short[s]:>7}" for s in shown))
+        for r in ranked:
+            kv = str(r["kv_head"]) if r["kv_head"] is not None else "-"
+            lines.append(f"  {r['label']:8} {kv:>3} " + " ".join(_fmt(r[s]) for s in shown))
+        lines.append("")
+    bad = [c for c in d["checks"] if not c["ok"]]
+    lines.append(f"mechanics checks ({len(d['checks'])} patterns, tolerance {d['check_tolerance']:g}): "
+                 + ("all rows sum to 1" if all(c["rows_sum_to_one"] for c in d["checks"])
+                    else "ROWS NOT SUMMING TO 1")
+                 + ("" if not any(c["causal"] for c in d["checks"])
+                    else "; causal patterns exactly zero above the diagonal"
+                    if all(c.get("zero_above_diagonal", True) for c in d["checks"])
+                    else "; NONZERO VALUES ABOVE THE DIAGONAL"))
+    worst = max(d["checks"], key=lambda c: c["max_row_sum_error"])
+    lines.append(f"  largest |row sum - 1|: {worst['max_row_sum_error']:.2e} ({worst['hook']})")
+    for c in bad:
+        lines.append(f"  FAILED {c['hook']}: |row sum - 1| {c['max_row_sum_error']:.2e}"
+                     + (f", {c['nonzero_above_diagonal']} nonzero above the diagonal (max "
+                        f"{c['max_above_diagonal']:.2e})" if c["causal"] else ""))
+    return "\n".join(lines)
+
+
+def head_roles_json(result: Result) -> dict[str, Any]:
+    return result.data
+
+
+HEAD_ROLES = Analysis(
+    name="head-roles",
+    description="score every attention head: previous-token, duplicate, induction, sink, distance, entropy",
+    version="1",
+    compute=compute_head_roles,
+    needs=("attention",),
+    needs_model=True,
+    params=(
+        Param("induction", bool, True, "run the model on repeated random tokens for induction scores "
+              "(decoders; reloads the model)"),
+        Param("seqs", int, 16, "repeated random sequences for the induction score", min=1, max=4096),
+        Param("length", int, 20, "random tokens per copy", min=2, max=4096),
+        Param("seed", int, 0, "seed of the random sequences"),
+    ),
+    render_text=render_head_roles,
+    to_json=head_roles_json,
+)
+
+
+# --- attends-to ---------------------------------------------------------------------------------
+
+
+def lookup(run: Run, prompt: int, position: int, top: int = 3,
+           hooks: Iterable[PatternHook] | None = None, stream: str | None = None) -> dict[str, Any]:
+    """For query ``position`` (negative: from the end) of ``prompt``: every head's ``top`` keys
+    by weight, layer by layer, over the patterns whose queries are tokens of ``stream`` (default:
+    the first pattern's; for an encoder-decoder the encoder's tokens, or ``dec_tokens``). Reads
+    only the query's row of each pattern."""
+    hooks = list(hooks if hooks is not None else pattern_hooks(run))
+    if not hooks:
+        raise ValueError("the run stores no attention pattern")
+    if not 0 <= prompt < len(run):
+        raise ValueError(f"prompt {prompt} is out of range (the run has {len(run)})")
+    stream = stream or hooks[0].q_stream
+    hooks = [h for h in hooks if h.q_stream == stream]
+    if not hooks:
+        raise ValueError(f"no stored pattern has queries in the {stream!r} stream")
+    q_tokens = run.str_tokens(prompt, stream)
+    pos = position + len(q_tokens) if position < 0 else position
+    if not 0 <= pos < len(q_tokens):
+        raise ValueError(f"position {position} is out of range (prompt {prompt} has {len(q_tokens)} "
+                         f"query tokens)")
+    groups = kv_groups(run)
+    layers = []
+    for h in hooks:
+        row = run.attention_row(h.name, prompt, pos)
+        k_str = run.str_tokens(prompt, h.k_stream)
+        order = np.argsort(-row, axis=1, kind="stable")[:, :top]
+        heads = []
+        for head in range(row.shape[0]):
+            keys = [{"position": int(k), "token": k_str[k], "weight": float(row[head, k])}
+                    for k in order[head]]
+            heads.append({"head": head, "kv_head": head // groups if groups > 1 and h.stack == "blocks" else None,
+                          "keys": keys})
+        layers.append({"hook": h.name, "label": h.label, "stack": h.stack, "layer": h.layer, "heads": heads})
+    return {"prompt": prompt, "query": {"position": pos, "token": q_tokens[pos], "stream": stream},
+            "top": top, "layers": layers}
+
+
+STREAMS = ("main", "decoder")
+
+
+def compute_attends_to(ctx: AnalysisContext) -> Result:
+    p = ctx.params
+    if p["prompt"] >= ctx.n_prompts:
+        from workbench.errors import UserError
+
+        raise UserError(f"prompt {p['prompt']} is out of range (the run has {ctx.n_prompts} prompts)")
+    try:
+        from workbench.store import schema as S
+
+        stream = {"main": S.MAIN, "decoder": S.DEC}[p["stream"]]
+        data = lookup(ctx.run, p["prompt"], p["position"], p["top"], stream=stream)
+    except ValueError as exc:
+        from workbench.errors import UserError
+
+        raise UserError(str(exc)) from None
+    return Result(data=data)
+
+
+def render_attends_to(result: Result) -> str:
+    d = result.data
+    q = d["query"]
+    lines = [(f"prompt {d['prompt']}, query position {q['position']} {q['token']!r}: each head's top key "
+             f"(weight); --json has the top {d['top']}")]
+    for layer in d["layers"]:
+        cells = [f"H{h['head']} {h['keys'][0]['token']!r}@{h['keys'][0]['position']} {h['keys'][0]['weight']:.2f}"
+                 for h in layer["heads"]]
+        lines.append(f"  {layer['label']:>4}: " + " · ".join(cells))
+    return "\n".join(lines)
+
+
+ATTENDS_TO = Analysis(
+    name="attends-to",
+    description="where a token looks: each head's most-attended keys for one query position",
+    version="1",
+    compute=compute_attends_to,
+    needs=("attention",),
+    params=(
+        Param("prompt", int, 0, "prompt index", min=0),
+        Param("position", int, -1, "query position (negative: from the end)"),
+        Param("top", int, 3, "keys per head", min=1, max=64),
+        Param("stream", str, "main", "queries from the main tokens, or the decoder's (encoder-decoders)",
+              choices=STREAMS),
+    ),
+    render_text=render_attends_to,
+    to_json=lambda r: r.data,
+)
+
+
+# --- registration -------------------------------------------------------------------------------
+
+
+def _head_roles_view(stored: StoredResult, run: Run) -> Any:
+    from workbench_plugins.attention_view import HeadRolesView
+
+    return HeadRolesView(stored, run)
+
+
+def _attends_to_view(stored: StoredResult, run: Run) -> Any:
+    from workbench_plugins.attention_view import AttendsToView
+
+    return AttendsToView(stored, run)
+
+
+@hookimpl
+def register_analyses(register):  # type: ignore[no-untyped-def]
+    register(HEAD_ROLES)
+    register(ATTENDS_TO)
+
+
+@hookimpl
+def register_views(register):  # type: ignore[no-untyped-def]
+    register(View(name="head-roles-table", analysis="head-roles", title="head roles (sortable)",
+                  make=_head_roles_view))
+    register(View(name="attends-to-panel", analysis="attends-to",
+                  title="where the focused token looks", make=_attends_to_view))
