@@ -92,7 +92,8 @@ def load_induction(request: LoadRequest) -> LoadedParts:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
     bridge = TransformerBridge.boot_native(cfg, tokenizer=tokenizer)  # type: ignore[attr-defined]
     safetensors.torch.load_model(bridge.original_model, str(folder / "model.safetensors"))
-    bridge.to(request.device)
+    if request.device != "cpu":
+        bridge.to(request.device)  # (TransformerLens prints "Moving model to device")
     return LoadedParts(bridge=bridge, tokenizer=tokenizer, tokenizer_path=str(folder),
                        provenance=_provenance("induction", folder))
 
