@@ -166,16 +166,16 @@ def pattern_scores(pattern: np.ndarray, q_tokens: np.ndarray, k_tokens: np.ndarr
     nan = np.full(h, np.nan)
     out: dict[str, np.ndarray] = {}
     qi = np.arange(nq)
+    total = p.sum(axis=(1, 2))
     if not cross:
-        prev = np.zeros((nq, nk), dtype=bool)
-        prev[qi[1:], qi[1:] - 1] = True
-        out["previous_token"], out["previous_token_tl"] = mask_scores(p, prev)
+        # one cell per row: read the off-diagonals instead of multiplying by a mask
+        prev = p[:, qi[1:], qi[1:] - 1]  # heads, q - 1
+        out["previous_token"] = prev.mean(axis=1) if nq > 1 else nan
+        out["previous_token_tl"] = prev.sum(axis=1) / total
         if causal:
             out["next_token"] = nan
         else:
-            nxt = np.zeros((nq, nk), dtype=bool)
-            nxt[qi[:-1], qi[:-1] + 1] = True
-            out["next_token"] = mask_scores(p, nxt)[0]
+            out["next_token"] = p[:, qi[:-1], qi[:-1] + 1].mean(axis=1) if nq > 1 else nan
             out["previous_token_tl"] = nan
     else:
         out["previous_token"] = out["next_token"] = out["previous_token_tl"] = nan
@@ -457,7 +457,7 @@ def lookup(run: Run, prompt: int, position: int, top: int = 3,
         heads = []
         for head in range(row.shape[0]):
             keys = [{"position": int(k), "token": k_str[k], "weight": float(row[head, k])}
-                    for k in order[head]]
+                    for k in order[head] if row[head, k] > 0 or k == order[head][0]]
             heads.append({"head": head, "kv_head": head // groups if groups > 1 and h.stack == "blocks" else None,
                           "keys": keys})
         layers.append({"hook": h.name, "label": h.label, "stack": h.stack, "layer": h.layer, "heads": heads})

@@ -19,7 +19,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
-from workbench_plugins.attention import SCORES, TL_SCORES, lookup
+from workbench_plugins.attention import SCORES, lookup
 
 from workbench.tui.messages import ShowAttentionHead
 
@@ -65,11 +65,12 @@ class LookPanel(Static):
             table.add_column(f"key {k + 1}")
         for layer in d["layers"]:
             for h in layer["heads"]:
-                cells = []
+                cells: list[Any] = []
                 for k in h["keys"]:
                     style = "bold" if k["weight"] >= 0.5 else ("" if k["weight"] >= 0.2 else "dim")
                     cells.append(Text(f"{k['token']!r}@{k['position']} {k['weight']:.2f}", style=style))
                 kv = f" kv{h['kv_head']}" if h["kv_head"] is not None else ""
+                cells += [""] * (d["top"] - len(cells))  # masked keys (weight 0) are not listed
                 table.add_row(layer["label"], f"H{h['head']}{kv}", *cells)
         return table
 
@@ -80,7 +81,7 @@ class HeadRolesView(Vertical):
     DEFAULT_CSS = """
     HeadRolesView { height: auto; }
     HeadRolesView > #roles-summary { height: auto; }
-    HeadRolesView > DataTable { height: 16; }
+    HeadRolesView > DataTable { height: auto; max-height: 16; }
     HeadRolesView > LookPanel { height: auto; margin-top: 1; }
     """
     BINDINGS: ClassVar[list[BindingType]] = [Binding("o", "sort_next", "sort by next score")]
@@ -189,6 +190,3 @@ class AttendsToView(Vertical):
 
     def follow(self, run: Run, focus: Any) -> None:
         self.query_one(LookPanel).follow(run, focus.prompt, focus.pos)
-
-
-__all__ = ["TL_SCORES", "AttendsToView", "HeadRolesView", "LookPanel"]

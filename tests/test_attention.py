@@ -347,8 +347,9 @@ def plain(widget, width: int = 160) -> str:
 
 def test_training_scripts_write_loadable_toys(tmp_path, monkeypatch):
     """The seeded training scripts (a few steps here) write what the toy_models plugin loads."""
-    from workbench.models import LoadRequest
     from workbench_plugins import toy_models
+
+    from workbench.models import LoadRequest
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name, steps in (("induction", 3), ("reversal", 3)):

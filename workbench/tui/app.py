@@ -231,7 +231,12 @@ class WorkbenchApp(App[None]):
         for widget in self.query(".result-view"):
             follow = getattr(widget, "follow", None)
             if callable(follow):
-                follow(self.active_run, self.focus_state)
+                try:
+                    follow(self.active_run, self.focus_state)
+                except Exception as exc:  # noqa: BLE001 - a plugin's view must not take the app down
+                    widget.remove_class("result-view")  # asked once, not on every key
+                    self.notify(f"view {type(widget).__name__} failed to follow the focus: {exc!r}",
+                                severity="error", timeout=10)
 
     def on_show_attention_head(self, message: ShowAttentionHead) -> None:
         """A plugin's view asked for a head's heatmap."""
