@@ -47,6 +47,7 @@ import numpy as np
 
 from workbench import hookimpl
 from workbench.analysis import Analysis, AnalysisContext, Param, Result
+from workbench.errors import UserError
 from workbench.views import View
 
 if TYPE_CHECKING:
@@ -117,6 +118,11 @@ def kv_groups(run: Run) -> int:
     info = run.model_info
     n, kv = int(info.get("n_heads") or 1), int(info.get("n_kv_heads") or info.get("n_heads") or 1)
     return max(1, n // kv) if kv else 1
+
+
+def kv_head(head: int, groups: int, hook: PatternHook) -> int | None:
+    """The key/value head a query head reads (grouped-query decoders), else None."""
+    return head // groups if groups > 1 and hook.stack == "blocks" else None
 
 
 # --- scores of one pattern ----------------------------------------------------------------------
@@ -326,7 +332,7 @@ def compute_head_roles(ctx: AnalysisContext) -> Result:
         for head in range(n_heads):
             rec: dict[str, Any] = {"hook": h.name, "stack": h.stack, "label": f"{h.label}H{head}",
                                    "layer": h.layer, "head": head,
-                                   "kv_head": head // groups if groups > 1 and h.stack == "blocks" else None}
+                                   "kv_head": kv_head(head, groups, h)}
             for k in (*SCORES, *TL_SCORES):
                 v = means.get(k)
                 rec[k] = None if v is None or not np.isfinite(v[head]) else float(v[head])
@@ -449,17 +455,19 @@ def lookup(run: Run, prompt: int, position: int, top: int = 3,
         raise ValueError(f"position {position} is out of range (prompt {prompt} has {len(q_tokens)} "
                          f"query tokens)")
     groups = kv_groups(run)
+    strings = {stream: q_tokens}
     layers = []
     for h in hooks:
         row = run.attention_row(h.name, prompt, pos)
-        k_str = run.str_tokens(prompt, h.k_stream)
+        if h.k_stream not in strings:
+            strings[h.k_stream] = run.str_tokens(prompt, h.k_stream)
+        k_str = strings[h.k_stream]
         order = np.argsort(-row, axis=1, kind="stable")[:, :top]
         heads = []
         for head in range(row.shape[0]):
             keys = [{"position": int(k), "token": k_str[k], "weight": float(row[head, k])}
                     for k in order[head] if row[head, k] > 0 or k == order[head][0]]
-            heads.append({"head": head, "kv_head": head // groups if groups > 1 and h.stack == "blocks" else None,
-                          "keys": keys})
+            heads.append({"head": head, "kv_head": kv_head(head, groups, h), "keys": keys})
         layers.append({"hook": h.name, "label": h.label, "stack": h.stack, "layer": h.layer, "heads": heads})
     return {"prompt": prompt, "query": {"position": pos, "token": q_tokens[pos], "stream": stream},
             "top": top, "layers": layers}
@@ -469,19 +477,15 @@ STREAMS = ("main", "decoder")
 
 
 def compute_attends_to(ctx: AnalysisContext) -> Result:
+    from workbench.store import schema as S
+
     p = ctx.params
     if p["prompt"] >= ctx.n_prompts:
-        from workbench.errors import UserError
-
         raise UserError(f"prompt {p['prompt']} is out of range (the run has {ctx.n_prompts} prompts)")
+    stream = {"main": S.MAIN, "decoder": S.DEC}[p["stream"]]
     try:
-        from workbench.store import schema as S
-
-        stream = {"main": S.MAIN, "decoder": S.DEC}[p["stream"]]
         data = lookup(ctx.run, p["prompt"], p["position"], p["top"], stream=stream)
     except ValueError as exc:
-        from workbench.errors import UserError
-
         raise UserError(str(exc)) from None
     return Result(data=data)
 
