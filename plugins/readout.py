@@ -133,10 +133,10 @@ class Readout:
         return int(self.bridge.unembed.W_U.shape[-1])
 
     def direction(self, target: int, wrong: int | None = None) -> tuple[np.ndarray, float]:
-        """``(v, c)`` with ``logit[target] (- logit[wrong]) = final.linear(resid, scale) @ v / ...``:
-        precisely, for the final norm's linear part ``l`` of the residual stream,
-        ``metric = l @ u + c`` where ``u = W_U[:, target] - W_U[:, wrong]``. Returned ``v`` is
-        ``weight * u`` (the norm's weight folded in) so ``metric = centre(resid) / scale @ v + c``."""
+        """``(v, c)`` such that, for a residual vector ``x`` with final-norm scale ``s``,
+        ``logit[target] (- logit[wrong]) = centre(x) / s @ v + c``: ``v`` is the final norm's
+        weight times ``u = W_U[:, target] (- W_U[:, wrong])``, ``c`` the final-norm bias and the
+        unembedding bias along ``u``."""
         W_U, b_U = self.bridge.unembed.W_U, self.bridge.unembed.b_U
         u = _f64(W_U[:, target])
         c = float(b_U[target])
