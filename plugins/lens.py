@@ -108,6 +108,16 @@ def lens_rows(run: Run) -> tuple[list[str], list[str]]:
             ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)])
 
 
+def _check_attributable(ctx: AnalysisContext) -> None:
+    """Before reloading the model: some prompt has the ``position`` parameter's token, and the
+    run's residual stream is a sum of its writers (:func:`check_pre_norm`, on that prompt)."""
+    run, position = ctx.run, ctx.params["position"]
+    first = next((i for i in ctx.prompts if _position(run, i, position) is not None), None)
+    if first is None:
+        raise UserError(f"position {position} is outside every prompt")
+    check_pre_norm(run, first, _position(run, first, position))  # type: ignore[arg-type]
+
+
 def lens_compute(ctx: AnalysisContext) -> Result:
     import torch
 
@@ -134,7 +144,8 @@ def lens_compute(ctx: AnalysisContext) -> Result:
                 targets[n - 1] = first_token(model, str(answer))[0]
         has_t = targets >= 0
         idx = torch.as_tensor(np.where(has_t, targets, 0))
-        logp_final = torch.log_softmax(ro.logits(run.activation(hooks[-1], i)).double(), -1)
+        logits_final = ro.logits(run.activation(hooks[-1], i))
+        logp_final = torch.log_softmax(logits_final.double(), -1)
         p_final = logp_final.exp()
         # the check: the last layer's lens against the model's own forward pass on the tokens
         with torch.inference_mode():
@@ -147,8 +158,9 @@ def lens_compute(ctx: AnalysisContext) -> Result:
         prob = np.full((n, len(hooks)), np.nan, np.float32)
         kl = np.zeros((n, len(hooks)), np.float64)
         for r, hook in enumerate(hooks):
-            logits = ro.logits(run.activation(hook, i))
-            logp = logp_final if r == len(hooks) - 1 else torch.log_softmax(logits.double(), -1)
+            last_row = r == len(hooks) - 1
+            logits = logits_final if last_row else ro.logits(run.activation(hook, i))
+            logp = logp_final if last_row else torch.log_softmax(logits.double(), -1)
             top = torch.topk(logp, k, dim=-1)
             top_ids[:, r] = top.indices.numpy()
             top_probs[:, r] = top.values.exp().numpy()
@@ -157,7 +169,8 @@ def lens_compute(ctx: AnalysisContext) -> Result:
             rank[:, r] = np.where(has_t, ranks.numpy(), -1)
             prob[:, r] = np.where(has_t, logp.gather(-1, idx[:, None])[:, 0].exp().numpy(), np.nan)
             kl[:, r] = (p_final * (logp_final - logp)).sum(-1).clamp(min=0).numpy()
-        for name, arr in zip(cols, (top_ids, top_probs, targets.astype(np.int32), rank, prob, kl)):
+        per_token: tuple[np.ndarray, ...] = (top_ids, top_probs, targets.astype(np.int32), rank, prob, kl)
+        for name, arr in zip(cols, per_token):
             cols[name].append(arr)
         offsets.append(offsets[-1] + n)
         last = n - 1
@@ -209,14 +222,6 @@ def lens_text(result: Result) -> str:
     return "\n".join(lines)
 
 
-def lens_cell(stored_arrays: dict[str, np.ndarray], prompt_offset: int, pos: int, row: int) -> dict[str, Any]:
-    """One grid cell of a stored lens result."""
-    t = prompt_offset + pos
-    return {"top_ids": stored_arrays["top_ids"][t, row].tolist(), "top_probs": stored_arrays["top_probs"][t, row].tolist(),
-            "target_id": int(stored_arrays["target_ids"][t]), "rank": int(stored_arrays["target_rank"][t, row]),
-            "prob": float(stored_arrays["target_prob"][t, row]), "kl": float(stored_arrays["kl"][t, row])}
-
-
 LOGIT_LENS = Analysis(
     name="logit-lens",
     description="final norm + unembedding applied after every layer: top tokens, the target's rank, KL to the output",
@@ -237,10 +242,7 @@ LOGIT_LENS = Analysis(
 
 def dla_compute(ctx: AnalysisContext) -> Result:
     run = ctx.run
-    first = next((i for i in ctx.prompts if _position(run, i, ctx.params["position"]) is not None), None)
-    if first is None:
-        raise UserError(f"position {ctx.params['position']} is outside every prompt")
-    check_pre_norm(run, first, _position(run, first, ctx.params["position"]))  # type: ignore[arg-type]
+    _check_attributable(ctx)
     model = ctx.model()
     ro = Readout(model)
     n_layers = ro.n_layers
@@ -340,10 +342,7 @@ NEURON_RE = re.compile(r"^L(\d+)N(\d+)$", re.IGNORECASE)
 def neurons_compute(ctx: AnalysisContext) -> Result:
     run = ctx.run
     params = ctx.params
-    first = next((i for i in ctx.prompts if _position(run, i, params["position"]) is not None), None)
-    if first is None:
-        raise UserError(f"position {params['position']} is outside every prompt")
-    check_pre_norm(run, first, _position(run, first, params["position"]))  # type: ignore[arg-type]
+    _check_attributable(ctx)
     wanted: list[tuple[int, int]] = []
     if params["neuron"]:
         m = NEURON_RE.match(params["neuron"].strip())
@@ -365,13 +364,9 @@ def neurons_compute(ctx: AnalysisContext) -> Result:
             records.append({"index": i, "id": run.prompt_id(i), "skipped": f"has {run.n_tokens(i)} tokens"})
             continue
         t = resolve_target(ctx, model, i, pos)
-        terms, acts, bias_terms = neuron_terms(run, ro, i, pos, t["target_id"], t["wrong_id"])
+        terms, acts, bias_terms, mlp_terms = neuron_terms(run, ro, i, pos, t["target_id"], t["wrong_id"])
         terms_all[i] = terms
         # per layer, the neurons and the bias must add up to the MLP's own term
-        v, _ = ro.direction(t["target_id"], t["wrong_id"])
-        scale = float(run.activation("ln_final.hook_scale", i)[pos].reshape(-1)[0])
-        mlp_terms = np.array([float(ro.through_final(run.activation(f"blocks.{layer}.hook_mlp_out", i)[pos]
-                                                     .astype(np.float64), scale, v)) for layer in range(ro.n_layers)])
         check = float(np.max(np.abs(terms.sum(1) + bias_terms - mlp_terms)))
         order = np.argsort(-terms, axis=None)
         neg = np.argsort(terms, axis=None)

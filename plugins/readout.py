@@ -31,9 +31,6 @@ if TYPE_CHECKING:
     from workbench.models.model import Model
     from workbench.store.reader import Run
 
-LENS_HOOKS = ("hook_embed", "ln_final.hook_scale")
-
-
 def layer_count(run: Run) -> int:
     """Blocks of the run's model (counted from the stored residual stream)."""
     n = 0
@@ -129,9 +126,6 @@ class Readout:
         the MLP), or None."""
         return self._get(which, layer)  # type: ignore[no-any-return]
 
-    def d_vocab(self) -> int:
-        return int(self.bridge.unembed.W_U.shape[-1])
-
     def direction(self, target: int, wrong: int | None = None) -> tuple[np.ndarray, float]:
         """``(v, c)`` such that, for a residual vector ``x`` with final-norm scale ``s``,
         ``logit[target] (- logit[wrong]) = centre(x) / s @ v + c``: ``v`` is the final norm's
@@ -175,6 +169,24 @@ def _vec(run: Run, hook: str, i: int, pos: int) -> np.ndarray:
     return run.activation(hook, i)[pos].astype(np.float64)
 
 
+def _scale(run: Run, hook: str, i: int, pos: int) -> float:
+    """A norm's stored ``hook_scale`` at one position."""
+    return float(run.activation(hook, i)[pos].reshape(-1)[0])
+
+
+def _through_post(run: Run, ro: Readout, i: int, pos: int, layer: int, which: str,
+                  vecs: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """A sublayer's writes (``vecs``, rows) and its output bias (zeros if none) as they reach the
+    residual stream: through the layer's post-norm ``which`` (``ln1_post``/``ln2_post``) with its
+    stored scale, where the model has one; the norm's own bias joins the bias term."""
+    bias_vec = bias if bias is not None else np.zeros(vecs.shape[-1])
+    post = ro.post_norm(layer, which)
+    if post is None:
+        return vecs, bias_vec
+    s = _scale(run, f"blocks.{layer}.{which}.hook_scale", i, pos)
+    return post.linear(vecs, s), post.linear(bias_vec, s) + post.constant()
+
+
 def _rel(err: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(err) / max(float(np.linalg.norm(ref)), 1e-30))
 
@@ -209,7 +221,7 @@ def attribute(run: Run, ro: Readout, i: int, pos: int, target: int, wrong: int |
     """Split ``logit[target] (- logit[wrong])`` at position ``pos`` of prompt ``i`` by writer."""
     v, const = ro.direction(target, wrong)
     n_layers = ro.n_layers
-    final_scale = float(run.activation("ln_final.hook_scale", i)[pos].reshape(-1)[0])
+    final_scale = _scale(run, "ln_final.hook_scale", i, pos)
     final_resid = run.activation(f"blocks.{n_layers - 1}.hook_resid_post", i)[pos : pos + 1]
     logits = ro.logits(final_resid)[0]
     actual = float(logits[target]) - (float(logits[wrong]) if wrong is not None else 0.0)
@@ -231,13 +243,7 @@ def attribute(run: Run, ro: Readout, i: int, pos: int, target: int, wrong: int |
     for layer in range(n_layers):
         z = _vec(run, f"blocks.{layer}.attn.hook_z", i, pos)  # (heads, d_head)
         per_head = np.einsum("hd,hdm->hm", z, ro._get("W_O", layer))  # (heads, d_model)
-        b_O = ro._get("b_O", layer)
-        bias_vec = b_O if b_O is not None else np.zeros(per_head.shape[-1])
-        post = ro.post_norm(layer, "ln1_post")
-        if post is not None:
-            s = float(run.activation(f"blocks.{layer}.ln1_post.hook_scale", i)[pos].reshape(-1)[0])
-            per_head = post.linear(per_head, s)
-            bias_vec = post.linear(bias_vec, s) + post.constant()
+        per_head, bias_vec = _through_post(run, ro, i, pos, layer, "ln1_post", per_head, ro._get("b_O", layer))
         stored = _vec(run, f"blocks.{layer}.hook_attn_out", i, pos)
         attn_error = max(attn_error, _rel(per_head.sum(0) + bias_vec - stored, stored))
         heads.append(term(per_head))
@@ -252,28 +258,25 @@ def attribute(run: Run, ro: Readout, i: int, pos: int, target: int, wrong: int |
 
 
 def neuron_terms(run: Run, ro: Readout, i: int, pos: int, target: int, wrong: int | None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per layer and neuron, ``activation x direct effect`` on the metric: ``(terms (layers,
-    d_mlp), activations (layers, d_mlp), bias terms (layers,))``; per layer, terms + bias term
-    add up to that layer's MLP term of :func:`attribute`."""
+    d_mlp), activations (layers, d_mlp), bias terms (layers,), MLP terms (layers,))``; the last
+    is each layer's stored ``hook_mlp_out`` read through the final norm (:func:`attribute`'s MLP
+    term), which the layer's neuron terms plus its bias term add up to."""
     v, _ = ro.direction(target, wrong)
-    final_scale = float(run.activation("ln_final.hook_scale", i)[pos].reshape(-1)[0])
-    terms, acts, bias_terms = [], [], np.zeros(ro.n_layers)
+    final_scale = _scale(run, "ln_final.hook_scale", i, pos)
+    terms, acts = [], []
+    bias_terms, mlp_terms = np.zeros(ro.n_layers), np.zeros(ro.n_layers)
     for layer in range(ro.n_layers):
         a = _vec(run, f"blocks.{layer}.mlp.hook_post", i, pos)
-        rows = ro._get("W_out", layer)  # (d_mlp, d_model)
-        b_out = ro._get("b_out", layer)
-        bias_vec = b_out if b_out is not None else np.zeros(rows.shape[-1])
-        post = ro.post_norm(layer, "ln2_post")
-        if post is not None:
-            s = float(run.activation(f"blocks.{layer}.ln2_post.hook_scale", i)[pos].reshape(-1)[0])
-            rows = post.linear(rows, s)
-            bias_vec = post.linear(bias_vec, s) + post.constant()
+        rows, bias_vec = _through_post(run, ro, i, pos, layer, "ln2_post", ro._get("W_out", layer),
+                                       ro._get("b_out", layer))  # rows: (d_mlp, d_model)
         effect = ro.through_final(rows, final_scale, v)  # (d_mlp,)
         terms.append(a * effect)
         acts.append(a)
         bias_terms[layer] = float(ro.through_final(bias_vec, final_scale, v))
-    return np.stack(terms), np.stack(acts), bias_terms
+        mlp_terms[layer] = float(ro.through_final(_vec(run, f"blocks.{layer}.hook_mlp_out", i, pos), final_scale, v))
+    return np.stack(terms), np.stack(acts), bias_terms, mlp_terms
 
 
 def promoted_tokens(ro: Readout, layer: int, neuron: int, k: int) -> tuple[list[int], list[float], list[int], list[float]]:

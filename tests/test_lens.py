@@ -160,7 +160,7 @@ def test_neuron_terms_equal_transformer_lens_and_add_up_to_the_mlp(gpt2_run):
     rec = d["prompts"][0]
     assert rec["check"] < 1e-6
     i, pos, target, wrong = rec["index"], rec["position"], rec["target_id"], rec["wrong_id"]
-    terms, _, _ = neuron_terms(run, Readout(model), i, pos, target, wrong)
+    terms, _, _, _ = neuron_terms(run, Readout(model), i, pos, target, wrong)
     _, cache = _processed_cache(run.tokens(i)[: pos + 1])
     W_out = workbench.load_model("tiny-gpt2", device="cpu", progress=False).bridge.blocks[1].mlp.W_out
     post = cache["blocks.1.mlp.hook_post"][0, -1]
