@@ -33,9 +33,9 @@ from workbench_plugins.readout import (
     Readout,
     attribute,
     check_pre_norm,
-    layer_count,
     neuron_terms,
     promoted_tokens,
+    residual_rows,
 )
 
 from workbench import hookimpl
@@ -101,13 +101,6 @@ def _metric_name(t: dict[str, Any]) -> str:
 # --- logit lens ---------------------------------------------------------------------------------
 
 
-def lens_rows(run: Run) -> tuple[list[str], list[str]]:
-    """(labels, hooks) of the lens's rows: the embeddings, then the output of every layer."""
-    n_layers = layer_count(run)
-    return (["embed"] + [str(layer) for layer in range(n_layers)],
-            ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)])
-
-
 def _check_attributable(ctx: AnalysisContext) -> None:
     """Before reloading the model: some prompt has the ``position`` parameter's token, and the
     run's residual stream is a sum of its writers (:func:`check_pre_norm`, on that prompt)."""
@@ -125,7 +118,7 @@ def lens_compute(ctx: AnalysisContext) -> Result:
     k = ctx.params["top"]
     model = ctx.model()
     ro = Readout(model)
-    labels, hooks = lens_rows(run)
+    labels, hooks = residual_rows(run)
     fixed = first_token(model, ctx.params["target"])[0] if ctx.params["target"] else None
     offsets = [0]
     cols: dict[str, list[np.ndarray]] = {n: [] for n in ("top_ids", "top_probs", "target_ids", "target_rank",

@@ -39,6 +39,17 @@ def layer_count(run: Run) -> int:
     return n
 
 
+def residual_rows(run: Run) -> tuple[list[str], list[str]]:
+    """(labels, hooks) of the residual stream's stored rows: ``embed`` (``blocks.0.hook_resid_pre``,
+    where the run has it), then the output of every layer (``blocks.L.hook_resid_post``)."""
+    labels = ["embed"] if "blocks.0.hook_resid_pre" in run.aliases else []
+    hooks = ["blocks.0.hook_resid_pre"] if labels else []
+    for layer in range(layer_count(run)):
+        labels.append(str(layer))
+        hooks.append(f"blocks.{layer}.hook_resid_post")
+    return labels, hooks
+
+
 def centre(x: np.ndarray, on: bool) -> np.ndarray:
     return x - x.mean(-1, keepdims=True) if on else x
 

@@ -259,7 +259,8 @@ def test_cli_analyze_text_json_and_errors(workbench_make_run):
     again = json.loads(_cli("analyze", path, "next-token", "--json", "--param", "next-token.worst=1").stdout)
     assert again[0]["outcome"] == "reused"
     inspect = _cli("inspect", path, "--json")
-    assert {r["analysis"] for r in json.loads(inspect.stdout)["results"]} == {"next-token", "answer", "distribution"}
+    assert {r["analysis"] for r in json.loads(inspect.stdout)["results"]} == {"next-token", "answer", "distribution",
+                                                                            "embeddings"}
     assert "next-token 1  worst=1 ok" in _cli("inspect", path).stdout
     for args, message in [
         (("nope",), "no analysis named 'nope'"),

@@ -131,6 +131,9 @@ class Analysis:
     params: tuple[Param, ...] = ()
     families: tuple[str, ...] = ("decoder", "encoder", "encoder-decoder")
     """Model families it works on."""
+    auto: bool = True
+    """``workbench analyze RUN`` with no names runs it when the run can feed it. False for an
+    analysis that needs a parameter only the user can give (a direction's name, a file)."""
     render_text: Callable[[Result], str] | None = None
     """Text for the terminal; default: the data as indented JSON and the arrays' shapes."""
     to_json: Callable[[Result], Any] | None = None
@@ -176,7 +179,7 @@ class Analysis:
         return {"name": self.name, "version": self.version, "description": self.description,
                 "plugin": self.plugin, "needs": list(self.needs),
                 "needs_lm_outputs": self.needs_lm_outputs, "needs_task": list(self.needs_task),
-                "needs_model": self.needs_model,
+                "needs_model": self.needs_model, "auto": self.auto,
                 "families": list(self.families), "params": [p.to_dict() for p in self.params]}
 
 

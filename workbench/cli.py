@@ -328,7 +328,7 @@ def demo_cmd(model_name: str, device: str, bos: str | None, out: str, open_tui: 
                 console.print(f"expected {answer!r}: " + (f"rank {rank}" if rank else "not in the top 5"))
         from workbench.analysis import analyze, build_analyses, missing_inputs
 
-        chosen = [a for a in build_analyses() if not missing_inputs(run, a)]
+        chosen = [a for a in build_analyses() if a.auto and not missing_inputs(run, a)]
         for o in analyze(run, chosen, model=model):
             console.print(f"\n[bold]analysis {o.analysis.name}[/]: {o.analysis.description}")
             if o.ok:
@@ -635,7 +635,8 @@ def _list_analyses(registry: Any, as_json: bool) -> None:
         click.echo(f"{a.name} {a.version}  ({a.plugin})  {a.description}")
         needs = list(a.needs) + (["LM outputs"] if a.needs_lm_outputs else []) + [
             f"prompts with '{k}'" for k in a.needs_task] + (["the live model"] if a.needs_model else [])
-        click.echo(f"    needs:  {', '.join(needs) or 'tokens only'}")
+        click.echo(f"    needs:  {', '.join(needs) or 'tokens only'}"
+                   + ("" if a.auto else "  (named only: not run by 'analyze RUN' without names)"))
         for p in a.params:
             extra = f", one of {', '.join(map(str, p.choices))}" if p.choices else ""
             click.echo(f"    --param {a.name}.{p.name}={p.default!r}  ({p.type.__name__}{extra}) {p.help}")
@@ -655,7 +656,8 @@ def analyze_cmd(run_path: str | None, names: tuple[str, ...], param_items: tuple
                 as_json: bool, force: bool, device: str, list_only: bool) -> None:
     """Run analyses over RUN and store their results beside it (RUN.h5.results/).
 
-    With no NAME, every analysis whose inputs the run holds. A result already stored for the
+    With no NAME, every analysis whose inputs the run holds, except those that need a parameter
+    only you can give (--list marks them "named only"). A result already stored for the
     same analysis, version and parameters is shown again, not recomputed (unless --force). An
     analysis that fails is reported and recorded; the others still run.
     """
@@ -675,8 +677,8 @@ def analyze_cmd(run_path: str | None, names: tuple[str, ...], param_items: tuple
         if names:
             chosen = [registry.get(n) for n in dict.fromkeys(names)]
         else:
-            chosen = [a for a in registry if not missing_inputs(run, a)]
-            skipped = [a.name for a in registry if a not in chosen]
+            chosen = [a for a in registry if a.auto and not missing_inputs(run, a)]
+            skipped = [a.name for a in registry if a.auto and a not in chosen]
             if skipped and not as_json:
                 click.echo(f"workbench: skipping {', '.join(skipped)} (inputs not in this run; "
                            "'workbench analyze --list' says what each needs)", err=True)

@@ -11,8 +11,10 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +42,16 @@ def synthetic_prompts(n: int, seed: int, lo: int = 4, hi: int = 12) -> list[list
 def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_layers: int = 2,
                         n_heads: int = 2, d_model: int = 16, lengths: tuple[int, int] = (4, 12),
                         seed: int = 0, top_k: int = 5, batch_size: int = 1, delay: float = 0.0,
-                        keep_partial: bool = False) -> Path:
+                        keep_partial: bool = False, metadata: list[dict[str, Any]] | None = None,
+                        edit: Callable[[int, str, np.ndarray], np.ndarray] | None = None) -> Path:
     """Write a decoder run at ``path`` and return it. Stores ``hook_embed``,
     ``blocks.L.hook_resid_post`` and ``blocks.L.attn.hook_pattern`` for every layer, loss and
     top-k predictions, and a vocabulary. With ``delay``, sleeps that long after each committed
-    batch while holding the run's lock, so readers see a capture in progress."""
+    batch while holding the run's lock, so readers see a capture in progress.
+
+    ``metadata`` gives each prompt's JSONL fields (e.g. ``{"label": "positive"}``); ``edit(i,
+    hook, acts)`` returns prompt ``i``'s ``(tokens, d_model)`` activations of ``hook`` to store in
+    place of the random ones (to plant a known structure, such as a direction)."""
     from workbench.capturing.runner import _Lock
 
     final = Path(path)
@@ -86,7 +93,7 @@ def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_l
             record = BatchRecord(
                 prompt_ids=[f"p{start + j}" for j in range(len(batch))],
                 texts=["".join(vocab[t] for t in ids[1:]).strip() for ids in batch],
-                metas=["{}"] * len(batch),
+                metas=[json.dumps(metadata[start + j] if metadata else {}) for j in range(len(batch))],
                 tokens={S.MAIN: [np.asarray(ids, np.int32) for ids in batch]},
                 str_tokens={S.MAIN: [[vocab[t] for t in ids] for ids in batch]},
                 n_input=[len(ids) for ids in batch])
@@ -103,7 +110,12 @@ def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_l
                     record.square_sizes[h.name] = [len(b) for b in blocks]
                     writer.write_act(h.name, np.concatenate(blocks))
                 else:
-                    writer.write_act(h.name, rng.normal(size=(n_tok, d_model)).astype(np.float32))
+                    acts = rng.normal(size=(n_tok, d_model)).astype(np.float32)
+                    if edit is not None:
+                        ends = np.cumsum([len(ids) for ids in batch])
+                        acts = np.concatenate([edit(start + j, h.name, part).astype(np.float32)
+                                               for j, part in enumerate(np.split(acts, ends[:-1]))])
+                    writer.write_act(h.name, acts)
             logits = rng.normal(size=(n_tok, len(vocab))) * 3
             logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
             order = np.argsort(-logp, axis=-1)[:, :top_k]
