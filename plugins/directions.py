@@ -573,7 +573,7 @@ def compute_projection(ctx: AnalysisContext) -> Result:
             proj[off : off + n, r] = p
             cos[off : off + n, r] = np.where(norms > 0, p / np.maximum(norms, 1e-30), 0.0)
         start, end = content_span(run, i)
-        records.append({"index": i, "id": run.prompt_id(i), "offset": off, "n_tokens": n,
+        records.append({"index": i, "id": run.prompt_id(i), "offset": off, "n_tokens": n, "span": [start, end],
                         "label": run.metadata(i).get(field) if field else None,
                         "mean": proj[off + start : off + end].mean(0).tolist()})
         off += n

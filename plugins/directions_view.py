@@ -125,7 +125,15 @@ class MapView(_MatrixView):
         rows = ((xy[:, 1].max() - xy[:, 1]) / span[1] * (self.height - 1)).round().astype(int)
         grid = [[" "] * self.width for _ in range(self.height)]
         for c, r, label in zip(cols, rows, labels):
-            for j, ch in enumerate("•" + label):
+            cells = "•" + label
+            # the nearest row (r, r+1, r-1, ...) where the label does not cover another one
+            for dr in sorted(range(-self.height, self.height), key=lambda d: (abs(d), -d)):
+                rr = r + dr
+                if 0 <= rr < self.height and all(grid[rr][c + j] == " " for j in range(len(cells))
+                                                 if c + j < self.width):
+                    r = rr
+                    break
+            for j, ch in enumerate(cells):
                 if c + j < self.width:
                     grid[r][c + j] = ch
         return ["".join(line).rstrip() for line in grid]
@@ -195,15 +203,17 @@ class ProjectionView(_PromptView):
         off, n = rec["offset"], rec["n_tokens"]
         pos = min(self.pos, n - 1)
         values = self.arrays["cosine" if self.cosine else "projection"][off : off + n]
-        scale = float(np.abs(values).max()) or 1.0
-        start = min(max(0, pos - self.window // 2), max(0, n - self.window))
-        cols = range(start, min(n, start + self.window))
+        start, end = rec.get("span", (0, n))  # colours scale to the prompt's own tokens (not a decoder's sink)
+        scale = float(np.abs(values[start:end]).max()) or 1.0
+        first = min(max(0, pos - self.window // 2), max(0, n - self.window))
+        cols = range(first, min(n, first + self.window))
         strs = self.run.str_tokens(self.prompt)
         auc = {x["layer"]: x["auc"] for x in d["separation"]}
         label = f" · {d['field']}={rec['label']!r}" if rec.get("label") is not None else ""
         title = Text.assemble(("projection onto ", "bold"), (d["direction"], "bold yellow"),
                               f" · prompt {self.prompt}{label} · {'cosine' if self.cosine else 'projection'}"
-                              f" (±{scale:.2f} full colour)", ("   c: projection / cosine", "dim"))
+                              f" (±{scale:.2f} full colour; special and sink positions dim)",
+                              ("   c: projection / cosine", "dim"))
         table = Table(box=None, pad_edge=False, header_style="bold")
         table.add_column("layer", justify="right")
         for p in cols:
@@ -212,7 +222,8 @@ class ProjectionView(_PromptView):
             table.add_column("AUC", justify="right")
         for r in reversed(range(len(rows))):
             cells = [Text(f"{values[p, r]:.2f}" if self.cosine else f"{values[p, r]:.1f}",
-                          style=_diverging(float(values[p, r]) / scale)) for p in cols]
+                          style=_diverging(float(values[p, r]) / scale) if start <= p < end else "dim")
+                     for p in cols]
             extra = [f"{auc[rows[r]]:.2f}" if rows[r] in auc else ""] if auc else []
             table.add_row(rows[r], *cells, *extra)
         return Group(title, table)

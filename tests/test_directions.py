@@ -349,3 +349,16 @@ def plain(widget, width: int = 160) -> str:
     console = Console(width=width, file=io.StringIO(), record=True, color_system=None)
     console.print(widget.content)
     return console.export_text()
+
+
+def test_map_labels_never_cover_each_other():
+    from types import SimpleNamespace
+
+    from workbench_plugins.directions_view import MapView
+
+    tokens = [" London", " Paris", " France", " dog"]
+    xy = [[0.0, 0.0], [0.0, 0.0], [0.01, 0.0], [1.0, 1.0]]  # three labels on one spot
+    stored = SimpleNamespace(data={"matrices": ["embed"], "map": {"tokens": tokens, "embed": {"xy": xy}}})
+    text = "\n".join(MapView(stored, None, width=40, height=6).canvas())
+    for t in tokens:
+        assert text.count("•" + t) == 1, text
