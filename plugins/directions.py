@@ -376,19 +376,24 @@ def compute_direction(ctx: AnalysisContext) -> Result:
         raise UserError(f"{run.final_path.name} stores no residual stream (capture with --for direction)")
     d_model = int(run.model_info["d_model"])
     data: dict[str, Any] = {"source": source, "rows": labels_, "hooks": hooks, "d_model": d_model,
-                            "contrast": None, "tokens": None, "file": None}
+                            "contrast": None, "tokens": None, "file": None, "not_scored": None}
     arrays: dict[str, np.ndarray] = {}
     single: np.ndarray | None = None
     """The vector of a source that gives one for every layer (tokens, a 1-D file)."""
     x, y, test = np.zeros(0), np.zeros(0, np.int8), np.zeros(0, bool)
     have_sets = source == "contrast" or any(params["field"] in run.metadata(i) for i in ctx.prompts)
+    if have_sets and source != "contrast" and not (params["positive"] or params["negative"]):
+        try:  # a fixed vector is scored on the prompts' two sets if they have exactly two
+            contrast_sets(ctx)
+        except UserError as exc:
+            have_sets, data["not_scored"] = False, str(exc)
     if have_sets:
         chosen, y, pos, neg = contrast_sets(ctx)
         rng = np.random.default_rng(params["seed"])
         if params["shuffle"]:
             y = rng.permutation(y)
         test = split(y, params["holdout"], rng)
-        x = np.zeros((len(chosen), len(hooks), d_model))
+        x = np.zeros((len(chosen), len(hooks), d_model), np.float32)  # prompts x layers x d_model
         for done, i in enumerate(chosen):
             x[done] = pooled(run, i, hooks, params["pool"])
             ctx.progress(done + 1, len(chosen))
@@ -404,7 +409,7 @@ def compute_direction(ctx: AnalysisContext) -> Result:
         if min((~test & (y == 1)).sum(), (~test & (y == 0)).sum()) < 1:
             raise UserError("each set needs at least one training prompt")
         train = ~test
-        per_layer = x[train & (y == 1)].mean(0) - x[train & (y == 0)].mean(0)
+        per_layer = x[train & (y == 1)].mean(0, dtype=np.float64) - x[train & (y == 0)].mean(0, dtype=np.float64)
     elif source == "tokens":
         model = ctx.model()
         if not params["a"] or not params["b"]:
@@ -430,9 +435,10 @@ def compute_direction(ctx: AnalysisContext) -> Result:
     layers = []
     if have_sets:
         for r, label in enumerate(labels_):
-            layers.append({"layer": label, **separation(x[:, r], y, test, per_layer[r]),
+            layers.append({"layer": label, **separation(x[:, r].astype(np.float64), y, test, per_layer[r]),
                            "norm": float(np.linalg.norm(per_layer[r]))})
-        arrays["scores"] = np.stack([x[:, r] @ _unit(per_layer[r]) for r in range(len(hooks))], 1).astype(np.float32)
+        arrays["scores"] = np.stack([x[:, r].astype(np.float64) @ _unit(per_layer[r]) for r in range(len(hooks))],
+                                    1).astype(np.float32)
     if single is not None and params["layer"] == "best":
         row, vector = None, single
     else:
@@ -477,6 +483,8 @@ def render_direction(result: Result) -> str:
     head += f"), |v| = {d['norm']:.3f}, " + (f"taken at layer {d['layer']}" if d["layer"] is not None
                                               else "the same vector at every layer")
     lines = [head]
+    if d.get("not_scored"):
+        lines.append(f"not scored on the prompts: {d['not_scored']}")
     c = d["contrast"]
     if c:
         lines.append(f"sets: {c['field']}={c['positive']!r} ({c['n_positive']}) vs {c['negative']!r} "

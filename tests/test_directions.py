@@ -362,3 +362,25 @@ def test_map_labels_never_cover_each_other():
     text = "\n".join(MapView(stored, None, width=40, height=6).canvas())
     for t in tokens:
         assert text.count("•" + t) == 1, text
+
+
+def test_encoder_pools_without_cls_and_sep_and_a_third_label_is_left_unscored(tmp_path):
+    from workbench.capturing.prompts import Prompt
+
+    model = workbench.load_model("tiny-bert", device="cpu", progress=False)
+    texts = [("ab ab", "x"), ("ba ab", "x"), ("aab", "x"), ("zz y", "o"), ("yz z", "o"), ("zyy", "o"), ("q", "other")]
+    items = [Prompt(text=t, id=f"p{i}", metadata={"label": lb}) for i, (t, lb) in enumerate(texts)]
+    workbench.capture(model, items, hooks=list(D.RESIDUAL), out=tmp_path / "b.h5", progress=False)
+    with workbench.open_run(tmp_path / "b.h5") as run:
+        tokens = run.str_tokens(0)
+        assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
+        stored = _direction(run, positive="x", negative="o", holdout=0.0, layer="1")
+        a = stored.arrays
+        feats = np.array([run.activation("blocks.1.hook_resid_post", int(i))[1:-1].astype(np.float64).mean(0)
+                          for i in a["prompts"]])
+        want = feats[a["labels"] == 1].mean(0) - feats[a["labels"] == 0].mean(0)
+        np.testing.assert_allclose(stored.arrays["vector"], want, rtol=1e-5, atol=1e-6)
+        assert stored.data["contrast"]["evaluated_on"].startswith("the training prompts")
+        tok = _direction(run, source="tokens", a="a", b="z", space=False)
+        assert tok.data["layers"] == [] and "has the values 'o', 'other', 'x'" in tok.data["not_scored"]
+        assert "not scored on the prompts" in build_analyses().get("direction").text(tok.result())
