@@ -6,7 +6,8 @@
 - :class:`SeparationView`: per layer, how well a direction separates its two sets (AUC,
   accuracy) and how close each layer's vector is to the chosen one.
 - :class:`ProjectionView`: layers x positions of the focused prompt, each cell the residual
-  stream's projection onto the direction (``c``: cosine instead), with the AUC per layer.
+  stream's projection onto the direction (``c``: cosine instead), with the held-out AUC and
+  accuracy per layer.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ class ProjectionView(_PromptView):
         first = min(max(0, pos - self.window // 2), max(0, n - self.window))
         cols = range(first, min(n, first + self.window))
         strs = self.run.str_tokens(self.prompt)
-        auc = {x["layer"]: x["auc"] for x in d["separation"]}
+        sep = {x["layer"]: x for x in d["separation"]}
         label = f" · {d['field']}={rec['label']!r}" if rec.get("label") is not None else ""
         title = Text.assemble(("projection onto ", "bold"), (d["direction"], "bold yellow"),
                               f" · prompt {self.prompt}{label} · {'cosine' if self.cosine else 'projection'}"
@@ -218,12 +219,14 @@ class ProjectionView(_PromptView):
         table.add_column("layer", justify="right")
         for p in cols:
             table.add_column(Text(_short(strs[p], 7), style="reverse" if p == pos else ""), justify="right")
-        if auc:
+        if sep:
             table.add_column("AUC", justify="right")
+            table.add_column("acc", justify="right")
         for r in reversed(range(len(rows))):
             cells = [Text(f"{values[p, r]:.2f}" if self.cosine else f"{values[p, r]:.1f}",
                           style=_diverging(float(values[p, r]) / scale) if start <= p < end else "dim")
                      for p in cols]
-            extra = [f"{auc[rows[r]]:.2f}" if rows[r] in auc else ""] if auc else []
+            x = sep.get(rows[r])
+            extra = ([f"{x['auc']:.2f}", f"{x['accuracy']:.0%}"] if x else ["", ""]) if sep else []
             table.add_row(rows[r], *cells, *extra)
         return Group(title, table)

@@ -338,6 +338,8 @@ def test_views_draw_the_neighbours_map_separation_and_projection(planted, llama_
     rec = proj.stored.data["prompts"][0]
     assert "projection onto planted · prompt 0 · label='yes'" in before
     assert f"{proj.stored.arrays['projection'][rec['offset'] + 1, -1]:.1f}" in before
+    last = proj.stored.data["separation"][-1]
+    assert f"{last['auc']:.2f}  {last['accuracy']:.0%}" in before.splitlines()[2]  # top row: the last layer
     assert "cosine" in after and pv.cosine
 
 
