@@ -371,6 +371,7 @@ def _choose_layer(choice: str, labels: list[str], scores: list[float] | None) ->
 def compute_direction(ctx: AnalysisContext) -> Result:
     run, params = ctx.run, ctx.params
     source = params["source"]
+    _check_name(params["name"])  # before any work
     labels_, hooks = residual_rows(run)
     if not hooks:
         raise UserError(f"{run.final_path.name} stores no residual stream (capture with --for direction)")
@@ -447,13 +448,17 @@ def compute_direction(ctx: AnalysisContext) -> Result:
     for rec, v in zip(layers, per_layer):
         rec["cosine_to_chosen"] = float(_unit(v) @ _unit(vector))
     name = params["name"] or _default_name(data, params)
-    if not NAME_RE.match(name):
-        raise UserError(f"direction name {name!r}: use lower case letters, digits, '-', '_', '.'")
+    _check_name(name)
     data.update(name=name, layer=labels_[row] if row is not None else None, layer_index=row,
                 norm=float(np.linalg.norm(vector)), layers=layers)
     arrays["vector"] = vector.astype(np.float32)
     arrays["directions"] = np.ascontiguousarray(per_layer, dtype=np.float32)
     return Result(data=data, arrays=arrays)
+
+
+def _check_name(name: str) -> None:
+    if name and not NAME_RE.match(name):
+        raise UserError(f"direction name {name!r}: use lower case letters, digits, '-', '_', '.'")
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -642,7 +647,8 @@ DIRECTION = Analysis(
     auto=False,
     params=(
         Param("name", str, "", "name to store it under (default: from its sets, tokens or file)"),
-        Param("source", str, "contrast", "where it comes from", choices=("contrast", "tokens", "file")),
+        Param("source", str, "contrast", "where it comes from (tokens: reloads the model)",
+              choices=("contrast", "tokens", "file")),
         Param("field", str, "label", "the prompts' JSONL field whose values define the two sets"),
         Param("positive", str, "", "the field's value of the set the direction points to (default: the first "
               "value in prompt order)"),
