@@ -48,11 +48,10 @@ import numpy as np
 from workbench import hookimpl
 from workbench.analysis import Analysis, AnalysisContext, Param, Result
 from workbench.errors import UserError
-from workbench.views import View
+from workbench.views import View, lazy_view
 
 if TYPE_CHECKING:
     from workbench.store.reader import Run
-    from workbench.store.results import StoredResult
 
 SCORES = ("previous_token", "next_token", "duplicate_token", "induction", "first_token",
           "mean_distance", "entropy")
@@ -523,18 +522,6 @@ ATTENDS_TO = Analysis(
 # --- registration -------------------------------------------------------------------------------
 
 
-def _head_roles_view(stored: StoredResult, run: Run) -> Any:
-    from workbench_plugins.attention_view import HeadRolesView
-
-    return HeadRolesView(stored, run)
-
-
-def _attends_to_view(stored: StoredResult, run: Run) -> Any:
-    from workbench_plugins.attention_view import AttendsToView
-
-    return AttendsToView(stored, run)
-
-
 @hookimpl
 def register_analyses(register):  # type: ignore[no-untyped-def]
     register(HEAD_ROLES)
@@ -544,6 +531,6 @@ def register_analyses(register):  # type: ignore[no-untyped-def]
 @hookimpl
 def register_views(register):  # type: ignore[no-untyped-def]
     register(View(name="head-roles-table", analysis="head-roles", title="head roles (sortable)",
-                  make=_head_roles_view))
-    register(View(name="attends-to-panel", analysis="attends-to",
-                  title="where the focused token looks", make=_attends_to_view))
+                  make=lazy_view("workbench_plugins.attention_view", "HeadRolesView")))
+    register(View(name="attends-to-panel", analysis="attends-to", title="where the focused token looks",
+                  make=lazy_view("workbench_plugins.attention_view", "AttendsToView")))

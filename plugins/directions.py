@@ -33,7 +33,7 @@ from workbench_plugins.readout import residual_rows
 from workbench import hookimpl
 from workbench.analysis import NAME_RE, Analysis, AnalysisContext, Param, Result
 from workbench.errors import UserError
-from workbench.views import View
+from workbench.views import View, lazy_view
 
 if TYPE_CHECKING:
     from workbench.models.model import Model
@@ -685,15 +685,6 @@ PROJECTION = Analysis(
 )
 
 
-def _view(kind: str):  # type: ignore[no-untyped-def]
-    def make(stored: StoredResult, run: Run) -> Any:
-        from workbench_plugins import directions_view
-
-        return getattr(directions_view, kind)(stored, run)
-
-    return make
-
-
 @hookimpl
 def register_analyses(register):  # type: ignore[no-untyped-def]
     for analysis in (EMBEDDINGS, DIRECTION, PROJECTION):
@@ -703,10 +694,10 @@ def register_analyses(register):  # type: ignore[no-untyped-def]
 @hookimpl
 def register_views(register):  # type: ignore[no-untyped-def]
     register(View(name="embedding-neighbours", analysis="embeddings", title="nearest tokens and analogies",
-                  make=_view("NeighboursView")))
+                  make=lazy_view("workbench_plugins.directions_view", "NeighboursView")))
     register(View(name="embedding-map", analysis="embeddings", title="2-D map of the tokens (PCA)",
-                  make=_view("MapView")))
+                  make=lazy_view("workbench_plugins.directions_view", "MapView")))
     register(View(name="direction-layers", analysis="direction", title="how well the direction separates, per layer",
-                  make=_view("SeparationView")))
+                  make=lazy_view("workbench_plugins.directions_view", "SeparationView")))
     register(View(name="projection-heatmap", analysis="projection", title="projection (layers x positions)",
-                  make=_view("ProjectionView")))
+                  make=lazy_view("workbench_plugins.directions_view", "ProjectionView")))

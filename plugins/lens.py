@@ -41,12 +41,11 @@ from workbench_plugins.readout import (
 from workbench import hookimpl
 from workbench.analysis import Analysis, AnalysisContext, Param, Result
 from workbench.errors import UserError
-from workbench.views import View
+from workbench.views import View, lazy_view
 
 if TYPE_CHECKING:
     from workbench.models.model import Model
     from workbench.store.reader import Run
-    from workbench.store.results import StoredResult
 
 
 # --- targets ------------------------------------------------------------------------------------
@@ -567,15 +566,6 @@ DISTRIBUTION = Analysis(
 # --- registration -------------------------------------------------------------------------------
 
 
-def _view(kind: str):  # type: ignore[no-untyped-def]
-    def make(stored: StoredResult, run: Run) -> Any:
-        from workbench_plugins import lens_view
-
-        return getattr(lens_view, kind)(stored, run)
-
-    return make
-
-
 @hookimpl
 def register_analyses(register):  # type: ignore[no-untyped-def]
     for analysis in (LOGIT_LENS, DLA, NEURONS, DISTRIBUTION):
@@ -584,9 +574,11 @@ def register_analyses(register):  # type: ignore[no-untyped-def]
 
 @hookimpl
 def register_views(register):  # type: ignore[no-untyped-def]
-    register(View(name="lens-grid", analysis="logit-lens", title="logit lens grid (layers x positions)",
-                  make=_view("LensGridView")))
-    register(View(name="dla-bars", analysis="dla", title="direct logit attribution bars", make=_view("DLAView")))
-    register(View(name="neuron-panel", analysis="neurons", title="top neurons", make=_view("NeuronsView")))
-    register(View(name="distribution-live", analysis="distribution", title="next-token distribution (live temperature)",
-                  make=_view("DistributionView")))
+    for name, analysis, title, widget in (
+        ("lens-grid", "logit-lens", "logit lens grid (layers x positions)", "LensGridView"),
+        ("dla-bars", "dla", "direct logit attribution bars", "DLAView"),
+        ("neuron-panel", "neurons", "top neurons", "NeuronsView"),
+        ("distribution-live", "distribution", "next-token distribution (live temperature)", "DistributionView"),
+    ):
+        register(View(name=name, analysis=analysis, title=title,
+                      make=lazy_view("workbench_plugins.lens_view", widget)))

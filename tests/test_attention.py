@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from workbench_plugins import attention as A
 
+from tests.widgets import plain
 from workbench.analysis import analyze, build_analyses
 
 
@@ -334,15 +335,6 @@ def test_terminal_view_sorts_jumps_to_the_heatmap_and_follows_the_token(workbenc
 
     asyncio.run(main())
 
-
-def plain(widget, width: int = 160) -> str:
-    import io
-
-    from rich.console import Console
-
-    console = Console(width=width, file=io.StringIO(), record=True, color_system=None)
-    console.print(widget.content)
-    return console.export_text()
 
 
 def test_training_scripts_write_loadable_toys(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ import pytest
 from workbench_plugins import directions as D
 
 import workbench
+from tests.widgets import plain
 from workbench.analysis import analyze, build_analyses
 from workbench.store.synthetic import write_synthetic_run
 
@@ -342,15 +343,6 @@ def test_views_draw_the_neighbours_map_separation_and_projection(planted, llama_
     assert f"{last['auc']:.2f}  {last['accuracy']:.0%}" in before.splitlines()[2]  # top row: the last layer
     assert "cosine" in after and pv.cosine
 
-
-def plain(widget, width: int = 160) -> str:
-    import io
-
-    from rich.console import Console
-
-    console = Console(width=width, file=io.StringIO(), record=True, color_system=None)
-    console.print(widget.content)
-    return console.export_text()
 
 
 def test_map_labels_never_cover_each_other():

@@ -22,6 +22,7 @@ from workbench_plugins import lens as L
 from workbench_plugins.readout import Readout, attribute, neuron_terms
 
 import workbench
+from tests.widgets import plain
 from workbench.analysis import analyze, build_analyses
 
 PROMPTS = [
@@ -319,13 +320,3 @@ def test_views_draw_follow_the_prompt_and_change_temperature(gpt2_run):
             assert set(seen) == {LensGridView, DLAView, DistributionView, NeuronsView}
 
     asyncio.run(main())
-
-
-def plain(widget, width: int = 160) -> str:
-    import io
-
-    from rich.console import Console
-
-    console = Console(width=width, file=io.StringIO(), record=True, color_system=None)
-    console.print(widget.content)
-    return console.export_text()

@@ -9,6 +9,7 @@ still being written and running an analysis in the background are driven key by 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import torch
 from click.testing import CliRunner
 
 import workbench
+from tests import widgets
 from workbench import hookimpl
 from workbench.analysis import Analysis, Result
 from workbench.cli import cli
@@ -33,15 +35,7 @@ from workbench.tui.screens import HelpScreen
 SIZE = (80, 24)
 
 
-def plain(widget, width: int = 120) -> str:  # type: ignore[no-untyped-def]
-    """What a Static widget shows, as plain text."""
-    import io
-
-    from rich.console import Console
-
-    console = Console(width=width, file=io.StringIO(), record=True, color_system=None)
-    console.print(widget.content)
-    return console.export_text()
+plain = functools.partial(widgets.plain, width=120)
 
 
 def drive(app, steps, size=SIZE):  # type: ignore[no-untyped-def]

@@ -43,6 +43,18 @@ class View:
         return {"name": self.name, "analysis": self.analysis, "title": self.title, "plugin": self.plugin}
 
 
+def lazy_view(module: str, widget: str) -> Callable[[StoredResult, Run], Any]:
+    """A ``View.make`` that imports ``module`` (where the Textual widgets live) only when the view
+    is shown, and returns ``module.widget(result, run)``: registering views imports no Textual."""
+
+    def make(stored: StoredResult, run: Run) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), widget)(stored, run)
+
+    return make
+
+
 class ViewRegistry:
     def __init__(self) -> None:
         self.by_name: dict[str, View] = {}
