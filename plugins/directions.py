@@ -382,14 +382,17 @@ def compute_direction(ctx: AnalysisContext) -> Result:
     single: np.ndarray | None = None
     """The vector of a source that gives one for every layer (tokens, a 1-D file)."""
     x, y, test = np.zeros(0), np.zeros(0, np.int8), np.zeros(0, bool)
-    have_sets = source == "contrast" or any(params["field"] in run.metadata(i) for i in ctx.prompts)
-    if have_sets and source != "contrast" and not (params["positive"] or params["negative"]):
-        try:  # a fixed vector is scored on the prompts' two sets if they have exactly two
-            contrast_sets(ctx)
+    sets = None
+    if source == "contrast" or any(params["field"] in run.metadata(i) for i in ctx.prompts):
+        try:
+            sets = contrast_sets(ctx)
         except UserError as exc:
-            have_sets, data["not_scored"] = False, str(exc)
-    if have_sets:
-        chosen, y, pos, neg = contrast_sets(ctx)
+            if source == "contrast" or params["positive"] or params["negative"]:
+                raise
+            data["not_scored"] = str(exc)  # a fixed vector is scored only on exactly two sets
+    have_sets = sets is not None
+    if sets is not None:
+        chosen, y, pos, neg = sets
         rng = np.random.default_rng(params["seed"])
         if params["shuffle"]:
             y = rng.permutation(y)
@@ -541,12 +544,14 @@ def directions(run: Run) -> dict[str, StoredResult]:
     return out
 
 
-def find_direction(run: Run, name: str) -> Direction:
-    """The direction called ``name`` stored beside ``run``; a UserError naming the stored ones
-    when there is none."""
-    stored = directions(run).get(name)
+def find_direction(run: Run, name: str, stored_directions: dict[str, StoredResult] | None = None) -> Direction:
+    """The direction called ``name`` stored beside ``run`` (looked up in ``stored_directions``, a
+    :func:`directions` listing the caller already has, else in a fresh one); a UserError naming the
+    stored ones when there is none."""
+    found = directions(run) if stored_directions is None else stored_directions
+    stored = found.get(name)
     if stored is None:
-        have = ", ".join(sorted(directions(run))) or "none"
+        have = ", ".join(sorted(found)) or "none"
         raise UserError(f"no direction named {name!r} beside {run.final_path.name} (stored: {have}); make one "
                         f"with 'workbench analyze {run.final_path.name} direction --param direction.name={name}'")
     a = stored.arrays
@@ -561,13 +566,13 @@ def find_direction(run: Run, name: str) -> Direction:
 def compute_projection(ctx: AnalysisContext) -> Result:
     run, params = ctx.run, ctx.params
     name = params["direction"]
+    stored = directions(run)
     if not name:
-        have = sorted(directions(run))
-        if len(have) != 1:
+        if len(stored) != 1:
             raise UserError(f"choose a direction with --param {ctx.analysis.name}.direction=NAME "
-                            f"(stored: {', '.join(have) or 'none; make one with the direction analysis'})")
-        name = have[0]
-    d = find_direction(run, name)
+                            f"(stored: {', '.join(sorted(stored)) or 'none; make one with the direction analysis'})")
+        [name] = stored
+    d = find_direction(run, name, stored)
     labels_, hooks = residual_rows(run)
     if labels_ != d.rows and params["per_layer"]:
         raise UserError(f"direction {name!r} was made on layers {d.rows}; this run has {labels_}")
