@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sections import replace_section
+
 WORDS = ["the", "of", "and", "a", "to", "in", "is", "was", "he", "for", "it", "with", "as", "his", "on", "be", "at", "by", "i", "had", "not", "are", "but", "from", "or", "have", "an", "they", "which", "one", "you", "were", "all", "her", "she", "there", "would", "their", "we", "him", "been", "has", "when", "who", "will", "no", "more", "if", "out", "so", "said", "what", "up", "its", "about", "than", "into", "them", "can", "only", "other", "time", "new", "some", "could", "these", "two", "may", "first", "then", "do", "any", "like", "my", "now", "over", "such", "our", "man", "me", "even", "most", "made", "after", "also", "did", "many", "off", "before", "must", "well", "back", "through", "years", "much", "where", "your", "way", "city", "river", "market", "mountain", "library", "village", "station", "garden", "window", "letter", "music"]
 
 CASES = {
@@ -217,11 +219,8 @@ def main() -> None:
     text = report(results, small, disk, args.repeats, ratio, rounds)
     print(text)
     if args.write:
-        target = Path(args.write)
-        # Keep the other benchmarks' sections (benchmarks/tui_bench.py writes its own).
-        old = target.read_text() if target.exists() else ""
-        keep = old[old.index("\n## Terminal UI"):] if "\n## Terminal UI" in old else ""
-        target.write_text(text.rstrip("\n") + "\n" + keep)
+        # Only this benchmark's section: the others write their own.
+        replace_section(args.write, text.split("\n", 2)[2] if text.startswith("# Benchmarks\n") else text)
 
 
 def report(results, small, disk: float, repeats: int, ratios, rounds) -> str:

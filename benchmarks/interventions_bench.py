@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from sections import replace_section
+
 ROUNDS = 3
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 HEAD = "## Interventions: 270 head ablations"
@@ -103,16 +105,7 @@ def main() -> None:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.write:
-        target = Path(args.write)
-        text = target.read_text() if target.exists() else ""
-        if HEAD in text:
-            before, _, rest = text.partition(HEAD)
-            after = rest.split("\n## ", 1)
-            text = before + table + ("\n## " + after[1] if len(after) > 1 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + table
-        target.write_text(text)
-
+        replace_section(args.write, table)
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sections import replace_section
+
 ROUNDS = 5
 CASES = {
     # name: (description, write_synthetic_run keyword arguments)
@@ -112,16 +114,7 @@ def main() -> None:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.write:
-        target = Path(args.write)
-        text = target.read_text() if target.exists() else ""
-        head = "## Terminal UI: time to the first screen"
-        if head in text:
-            before, _, rest = text.partition(head)
-            after = rest.split("\n## ", 1)
-            text = before + table + ("\n## " + after[1] if len(after) > 1 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + table
-        target.write_text(text)
+        replace_section(args.write, table)
     if not args.folder:
         shutil.rmtree(folder, ignore_errors=True)
 
