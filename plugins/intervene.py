@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from workbench.models.model import Model
 
 TOKEN_BUDGET = 8192
-"""Rows x positions run in one batch (bounds memory: SmolLM2 uses about 1 GB at this size)."""
+"""Rows x positions run in one batch (bounds the activations held at once)."""
 LOGIT_BUDGET = 2048
 """Rows x read positions whose full-vocabulary logits are held at once."""
 

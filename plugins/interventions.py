@@ -18,8 +18,7 @@
 Metrics (``metric``): ``logit`` of the target, ``logit_diff`` (target - ``wrong``), ``prob`` of
 the target, ``loss`` (ablation only: mean next-token cross-entropy). ``auto``: ``logit_diff`` where
 there is a wrong token, else ``logit``. The target is the ``target`` parameter, else the prompt's
-``answer``, else the actual next token... as in ``dla``. Decoders only. The engine is in
-``intervene.py``.
+``answer``, else the next token, as in ``dla``. Decoders only. The engine is in ``intervene.py``.
 
 Registered through the ``workbench`` entry-point group like any third-party plugin.
 """
