@@ -68,9 +68,9 @@ def main() -> None:
         return np.asarray(out)
 
     def engine(share: bool) -> tuple[np.ndarray, bool]:
-        iv = Intervener(model, tokens, metric, share_prefix=share)
-        zs = iv.activations([hook_names(layer)["z"] for layer in range(n_layers)])
-        source = {h: torch.zeros_like(a) for h, a in zs.items()}
+        iv = Intervener(model, tokens, metric, share_prefix=share,
+                        keep=[hook_names(layer)["z"] for layer in range(n_layers)])
+        source = {h: torch.zeros_like(a) for h, a in iv.clean.items()}
         return iv.run(rows, source), iv.shared_prefix
 
     t0 = time.perf_counter()

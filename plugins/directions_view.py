@@ -206,8 +206,7 @@ class ProjectionView(_PromptView):
         values = self.arrays["cosine" if self.cosine else "projection"][off : off + n]
         start, end = rec.get("span", (0, n))  # colours scale to the prompt's own tokens (not a decoder's sink)
         scale = float(np.abs(values[start:end]).max()) or 1.0
-        first = min(max(0, pos - self.window // 2), max(0, n - self.window))
-        cols = range(first, min(n, first + self.window))
+        cols = self.columns(n)
         strs = self.run.str_tokens(self.prompt)
         sep = {x["layer"]: x for x in d["separation"]}
         label = f" · {d['field']}={rec['label']!r}" if rec.get("label") is not None else ""

@@ -94,7 +94,9 @@ class Metric:
 class Intervener:
     """Runs ``model`` on ``tokens`` (one prompt) with rows of edits; see the module's docstring."""
 
-    def __init__(self, model: Model, tokens: Sequence[int], metric: Metric, *, share_prefix: bool = True):
+    def __init__(self, model: Model, tokens: Sequence[int], metric: Metric, *, share_prefix: bool = True,
+                 keep: Sequence[str] = ()):
+        """``keep``: hooks whose activations on this prompt the clean pass keeps in ``self.clean``."""
         import torch
 
         self.model = model
@@ -104,7 +106,7 @@ class Intervener:
         self.metric = metric
         self.n_layers = len(self.bridge.blocks)
         self._inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        self.base_logits = self._clean_pass()
+        self.base_logits, self.clean = self._clean_pass(keep)
         self.baseline = float(metric(self.base_logits[:, metric.positions]))
         self.shared_prefix = False
         self.fallback_reason = "not requested"
@@ -113,8 +115,8 @@ class Intervener:
 
     # --- the clean pass and its replay ---------------------------------------------------------
 
-    def _clean_pass(self) -> torch.Tensor:
-        import torch
+    def _clean_pass(self, keep: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward pass: the logits, the ``keep`` activations, and each block's arguments."""
 
         def grab(i: int) -> Callable[..., None]:
             def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -124,8 +126,7 @@ class Intervener:
         handles = [blk.register_forward_pre_hook(grab(i), with_kwargs=True)
                    for i, blk in enumerate(self.bridge.blocks)]
         try:
-            with torch.inference_mode():
-                return self.bridge(self.tokens)
+            return self.cache(keep)
         finally:
             for h in handles:
                 h.remove()
@@ -180,14 +181,20 @@ class Intervener:
 
     def activations(self, hooks: Sequence[str], tokens: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """Each hook's activation (first axis: position) on ``tokens`` (default: this prompt)."""
+        return self.cache(hooks, tokens)[1]
+
+    def cache(self, hooks: Sequence[str], tokens: Sequence[int] | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The logits and each hook's activation (first axis: position) on ``tokens`` (default:
+        this prompt), from one forward pass."""
         import torch
 
         toks = self.tokens if tokens is None else torch.as_tensor([list(tokens)], dtype=torch.long,
                                                                      device=self.model.device)
         wanted = set(hooks)
         with torch.inference_mode():
-            _, cache = self.bridge.run_with_cache(toks, names_filter=lambda n: n in wanted)
-        return {h: cache[h][0].clone() for h in hooks}
+            logits, cache = self.bridge.run_with_cache(toks, names_filter=lambda n: n in wanted)
+        return logits, {h: cache[h][0].clone() for h in hooks}
 
     # --- rows ------------------------------------------------------------------------------------
 

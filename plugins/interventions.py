@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from workbench.models.model import Model
 
 METRICS = ("auto", "logit_diff", "logit", "prob", "loss")
+_PROMPTS = Param("prompts", str, "all", "which prompts: all, or a list like 0,3,5-7")
 
 # --- shared ---------------------------------------------------------------------------------------
 
@@ -123,18 +124,28 @@ def _choose(text: str, allowed: tuple[str, ...], have: dict[str, bool], needs: d
 ABLATION_COMPONENTS = ("heads", "mlp", "layers", "positions")
 
 
+def head_rows(n_layers: int, n_heads: int) -> list[Row]:
+    """One row per head (layer-major): its ``hook_z`` at every position."""
+    return [(Edit(hook_names(layer)["z"], layer, head=k),) for layer in range(n_layers) for k in range(n_heads)]
+
+
+def position_rows(key: str, n_layers: int, n: int) -> list[Row]:
+    """One row per layer and position (layer-major) of the ``key`` hook (``resid``, ``attn``, ``mlp``)."""
+    return [(Edit(hook_names(layer)[key], layer, pos=p),) for layer in range(n_layers) for p in range(n)]
+
+
 def ablation_rows(component: str, n_layers: int, n_heads: int, n: int, has_mlp: bool) -> list[Row]:
+    if component == "heads":
+        return head_rows(n_layers, n_heads)
+    if component == "positions":
+        return position_rows("resid", n_layers, n)
     rows: list[Row] = []
     for layer in range(n_layers):
         h = hook_names(layer)
-        if component == "heads":
-            rows += [(Edit(h["z"], layer, head=k),) for k in range(n_heads)]
-        elif component == "mlp":
+        if component == "mlp":
             rows.append((Edit(h["mlp"], layer),))
-        elif component == "layers":
+        else:  # layers
             rows.append((Edit(h["attn"], layer),) + ((Edit(h["mlp"], layer),) if has_mlp else ()))
-        else:
-            rows += [(Edit(h["resid"], layer, pos=p),) for p in range(n)]
     return rows
 
 
@@ -172,16 +183,16 @@ def compute_ablation(ctx: AnalysisContext) -> Result:
     per_prompt: dict[str, list[np.ndarray]] = {c: [] for c in chosen}
     skipped: list[dict[str, Any]] = []
     means: dict[str, torch.Tensor] | None = None
+    hooks = [hook_names(layer)[k] for layer in range(n_layers) for k in ("z", "attn", "mlp", "resid")
+             if have.get(k, True)]
     offset, t0, shared = 0, time.perf_counter(), True
     for done, i in enumerate(indices):
         tokens = input_tokens(ctx, i)
         metric, desc = make_metric(ctx, model, i, tokens)
-        iv = Intervener(model, tokens, metric)
+        iv = Intervener(model, tokens, metric, keep=hooks if method == "zero" else ())
         shared = shared and iv.shared_prefix
-        hooks = [hook_names(layer)[k] for layer in range(n_layers) for k in ("z", "attn", "mlp", "resid")
-                 if have.get(k, True)]
         if method == "zero":
-            source = {h: torch.zeros_like(a) for h, a in iv.activations(hooks).items()}
+            source = {h: torch.zeros_like(a) for h, a in iv.clean.items()}
         elif method == "mean":
             if means is None:
                 means = _reference_means(ctx, iv, hooks)
@@ -253,14 +264,7 @@ PATCH_COMPONENTS = ("resid", "attn", "mlp", "heads")
 
 
 def patch_rows(component: str, n_layers: int, n_heads: int, n: int) -> list[Row]:
-    rows: list[Row] = []
-    for layer in range(n_layers):
-        h = hook_names(layer)
-        if component == "heads":
-            rows += [(Edit(h["z"], layer, head=k),) for k in range(n_heads)]
-        else:
-            rows += [(Edit(h[component], layer, pos=p),) for p in range(n)]
-    return rows
+    return head_rows(n_layers, n_heads) if component == "heads" else position_rows(component, n_layers, n)
 
 
 def _hook_key(component: str) -> str:
@@ -289,7 +293,6 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def compute_patching(ctx: AnalysisContext) -> Result:
-    import torch
 
     run, params = ctx.run, ctx.params
     if params["metric"] == "loss":
@@ -310,12 +313,11 @@ def compute_patching(ctx: AnalysisContext) -> Result:
         corrupt = corrupted_tokens(ctx, model, i, clean)
         assert corrupt is not None
         metric, desc = make_metric(ctx, model, i, clean)
-        with torch.inference_mode():
-            clean_value = float(metric(model.forward(torch.as_tensor([clean], device=model.device))[:, metric.positions]))
         iv = Intervener(model, corrupt, metric)
         shared = shared and iv.shared_prefix
         hooks = [hook_names(layer)[_hook_key(c)] for c in chosen for layer in range(n_layers)]
-        clean_acts = iv.activations(hooks, clean)
+        clean_logits, clean_acts = iv.cache(hooks, clean)
+        clean_value = float(metric(clean_logits[:, metric.positions]))
         n_heads = int(clean_acts[hook_names(0)["z"]].shape[1]) if "heads" in chosen else 0
         denom = clean_value - iv.baseline
         rec: dict[str, Any] = {"index": i, "id": run.prompt_id(i), "n_tokens": len(clean), "offset": offset,
@@ -517,7 +519,7 @@ _TARGET = (
     Param("target", str, "", "the token whose logit is measured (default: the prompt's answer, else the "
           "next token)"),
     Param("wrong", str, "", "the contrasting token of logit_diff (default: the prompt's wrong)"),
-    Param("prompts", str, "all", "which prompts: all, or a list like 0,3,5-7"),
+    _PROMPTS,
 )
 
 ABLATION = Analysis(
@@ -576,7 +578,7 @@ STEERING = Analysis(
         Param("temperature", float, 1.0, "sampling temperature; 0 = greedy", min=0.0),
         Param("top_k", int, 0, "sample from the k most likely tokens (0: all)", min=0),
         Param("seed", int, 0, "random seed, the same for both generations"),
-        Param("prompts", str, "all", "which prompts: all, or a list like 0,3,5-7"),
+        _PROMPTS,
     ),
     render_text=render_steering,
 )

@@ -39,17 +39,22 @@ def _scale(values: np.ndarray) -> float:
     return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
 
 
-class _MatrixView(_PromptView):
-    """A layer x position or layer x head matrix of the focused prompt."""
+class _InterventionView(_PromptView):
+    """A view of one prompt's part of an intervention result: ``self.row[index]`` is the prompt's
+    row in the result's per-prompt arrays."""
 
     window = 12
+
+    def __init__(self, stored: StoredResult, run: Run) -> None:
+        super().__init__(stored, run)
+        self.arrays = stored.arrays
+        self.row = {p["index"]: n for n, p in enumerate(self.data["prompts"])}
 
     def position_table(self, block: np.ndarray, scale: float, rec: dict[str, Any], marked: set[int]) -> Table:
         """``block``: (positions, layers); columns: a window of positions around the focused one."""
         n = rec["n_tokens"]
         pos = min(self.pos, n - 1)
-        first = min(max(0, pos - self.window // 2), max(0, n - self.window))
-        cols = range(first, min(n, first + self.window))
+        cols = self.columns(n)
         strs = self.run.str_tokens(self.prompt)
         table = Table(box=None, pad_edge=False, header_style="bold")
         table.add_column("layer", justify="right")
@@ -61,15 +66,13 @@ class _MatrixView(_PromptView):
         return table
 
 
-class AblationView(_MatrixView):
+class AblationView(_InterventionView):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("p", "toggle_positions", "heads / positions")]
     can_focus = True
 
     def __init__(self, stored: StoredResult, run: Run) -> None:
         super().__init__(stored, run)
-        self.arrays = stored.arrays
         self.positions = "heads" not in self.arrays and "positions" in self.arrays
-        self.row = {p["index"]: n for n, p in enumerate(self.data["prompts"])}
 
     def action_toggle_positions(self) -> None:
         if "positions" in self.arrays:
@@ -106,17 +109,15 @@ class AblationView(_MatrixView):
         return Group(title, sub, table)
 
 
-class PatchingView(_MatrixView):
+class PatchingView(_InterventionView):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("c", "component", "component"),
                                              Binding("a", "toggle_attribution", "patching / attribution")]
     can_focus = True
 
     def __init__(self, stored: StoredResult, run: Run) -> None:
         super().__init__(stored, run)
-        self.arrays = stored.arrays
         self.component = 0
         self.attribution = False
-        self.row = {p["index"]: n for n, p in enumerate(self.data["prompts"])}
 
     def action_component(self) -> None:
         self.component = (self.component + 1) % len(self.data["components"])
@@ -156,13 +157,8 @@ class PatchingView(_MatrixView):
         return Group(title, sub, self.position_table(block, 1.0, rec, set(rec["changed_positions"])))
 
 
-class SteeringView(_PromptView):
+class SteeringView(_InterventionView):
     can_focus = True
-
-    def __init__(self, stored: StoredResult, run: Run) -> None:
-        super().__init__(stored, run)
-        self.arrays = stored.arrays
-        self.row = {p["index"]: n for n, p in enumerate(self.data["prompts"])}
 
     def draw(self) -> Any:
         rec = self.record()

@@ -49,6 +49,8 @@ class _PromptView(Static):
     """A view of one stored result that shows the focused prompt's record."""
 
     DEFAULT_CSS = "_PromptView { height: auto; }"
+    window = 10
+    """Positions shown by :meth:`columns`."""
 
     def __init__(self, stored: StoredResult, run: Run) -> None:
         super().__init__()
@@ -71,6 +73,11 @@ class _PromptView(Static):
     def record(self) -> dict[str, Any] | None:
         return self.by_index.get(self.prompt)
 
+    def columns(self, n: int) -> range:
+        """The positions shown: a window of ``self.window`` around the focused token."""
+        start = min(max(0, self.pos - self.window // 2), max(0, n - self.window))
+        return range(start, min(n, start + self.window))
+
     def draw(self) -> Any:
         raise NotImplementedError
 
@@ -88,11 +95,6 @@ class LensGridView(_PromptView):
     def action_toggle_rank(self) -> None:
         self.show_rank = not self.show_rank
         self.update(self.draw())
-
-    def columns(self, n: int) -> range:
-        """The positions shown: a window of ``self.window`` around the focused token."""
-        start = min(max(0, self.pos - self.window // 2), max(0, n - self.window))
-        return range(start, min(n, start + self.window))
 
     def draw(self) -> Any:
         rec = self.record()
