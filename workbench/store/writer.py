@@ -37,7 +37,7 @@ from workbench.store import schema as S
 CHUNK_BYTES_MIN = 64 << 10
 CHUNK_BYTES_MAX = 4 << 20
 CACHE_BYTES_TOTAL = 256 << 20  # chunk caches of all datasets together
-WRITEBACK_EVERY = 256 << 20  # start the disk writing every this many bytes (see _start_writeback)
+WRITEBACK_EVERY = 64 << 20  # start the disk writing every this many bytes (see _start_writeback)
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,48 @@ def _ends(start: int, sizes: list[int]) -> list[int]:
     return out
 
 
+class _ChunkAppender:
+    """Appends rows to an uncompressed chunked dataset one whole chunk at a time with HDF5's
+    direct chunk write (``H5Dwrite_chunk``): rows are copied into a chunk-sized buffer, a full
+    buffer is written as it stands, and :meth:`flush` writes the partly filled one (the rows past
+    the dataset's extent are never read). This skips HDF5's selection, type-conversion and
+    chunk-cache path, which took 60% more CPU for the residual stream of short batches
+    (618 MB: 0.6 s against 1.0 s), CPU that the forward pass wants."""
+
+    def __init__(self, ds: h5py.Dataset) -> None:
+        self.ds = ds
+        self.rows = int(ds.chunks[0])
+        self.buf = np.zeros(ds.chunks, dtype=ds.dtype)
+        self.tail = (0,) * (ds.ndim - 1)
+        self.base: int | None = None  # first row of the chunk in the buffer
+        self.fill = 0  # rows of that chunk held in the buffer
+
+    def write(self, start: int, values: np.ndarray) -> None:
+        """Write ``values`` at row ``start``; the dataset's extent must already cover them."""
+        if self.base is not None and self.base <= start <= self.base + self.fill:
+            self.fill = start - self.base  # the usual case: right after the rows before
+        else:
+            self.base = start - start % self.rows
+            self.fill = start - self.base
+            if self.fill:  # a chunk written before (a resumed file): start from its rows
+                self.buf[: self.fill] = self.ds[self.base : start]
+        i, n = 0, len(values)
+        while i < n:
+            take = min(self.rows - self.fill, n - i)
+            self.buf[self.fill : self.fill + take] = values[i : i + take]
+            self.fill += take
+            i += take
+            if self.fill == self.rows:
+                self.ds.id.write_direct_chunk((self.base, *self.tail), self.buf)
+                self.base += self.rows
+                self.fill = 0
+
+    def flush(self) -> None:
+        """Write the partly filled chunk (before a commit: its rows must be in the file)."""
+        if self.base is not None and self.fill:
+            self.ds.id.write_direct_chunk((self.base, *self.tail), self.buf)
+
+
 class RunWriter:
     """Appends committed batches to a new partial run file."""
 
@@ -165,6 +207,11 @@ class RunWriter:
         # Each dataset caches at most one chunk, and all caches together stay bounded.
         self._cache_each = max(CHUNK_BYTES_MIN, CACHE_BYTES_TOTAL // max(1, len(hooks) + 16))
         self._unsynced = 0
+        # Every dataset this writer appends to stays open for the whole capture: the chunk cache
+        # sized in _ds belongs to that open handle (a dataset opened again by name gets HDF5's
+        # default 1 MiB cache, and closing it writes its partly filled chunks out each time).
+        self._open: dict[str, h5py.Dataset] = {}
+        self._direct: dict[str, _ChunkAppender] = {}  # uncompressed activations (see _ds)
         self.f = h5py.File(path, "w", libver="latest")
         try:
             self._create(model_info, settings, planned_prompts, tool_version)
@@ -179,7 +226,7 @@ class RunWriter:
 
     def _ds(self, name: str, shape: tuple[int, ...], dtype: Any, *, compress: bool = False,
             chunk_rows: int | None = None, fill: Any = None,
-            expected_rows: int | None = None) -> h5py.Dataset:
+            expected_rows: int | None = None, direct: bool = False) -> h5py.Dataset:
         maxshape = (None, *shape[1:])
         row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
         per_batch = -(-(expected_rows or 1) // self._batches) * row_bytes
@@ -199,7 +246,11 @@ class RunWriter:
         # stays cached until the next batch completes it. Writes spanning several whole chunks
         # (only with 4 MiB chunks) bypass the cache: HDF5 writes a chunk larger than its cache
         # straight to the file, twice as fast as copying it through the cache.
-        if per_batch < 4 * chunk_bytes and chunk_bytes <= self._cache_each:
+        cached = per_batch < 4 * chunk_bytes and chunk_bytes <= self._cache_each
+        # Uncompressed data that would go through the cache is written a chunk at a time by
+        # _ChunkAppender instead (its buffer takes the cache's place in the memory budget).
+        direct = direct and cached and not (compress and self._filters)
+        if cached and not direct:
             cache = chunk_bytes + 1
         else:
             cache = max(1, min(chunk_bytes // 2, CHUNK_BYTES_MIN))
@@ -208,6 +259,9 @@ class RunWriter:
         if compress:
             kwargs.update(self._filters)
         ds = self.f.create_dataset(name, shape=shape, **kwargs)
+        self._open[name] = ds
+        if direct:
+            self._direct[name] = _ChunkAppender(ds)
         if fill is not None:
             ds[...] = fill
         return ds
@@ -254,13 +308,13 @@ class RunWriter:
         for h in self.hooks:
             dtype = S.storage_numpy_dtype(self.storage_dtype, h.kind)
             if h.layout == "square":
-                ds = self._ds(f"{S.ACTS}/{h.name}", (0,), dtype, compress=True,
+                ds = self._ds(f"{S.ACTS}/{h.name}", (0,), dtype, compress=True, direct=True,
                               expected_rows=self._expected_elements.get(h.name))
                 self._offsets(f"{S.ACTS_OFFSETS}/{h.name}", planned)
                 self._elements[h.name] = 0
             else:
                 ds = self._ds(f"{S.ACTS}/{h.name}", (0, *h.feature_shape), dtype, compress=True,
-                              expected_rows=self._expected_tokens[h.stream_of_rows()])
+                              direct=True, expected_rows=self._expected_tokens[h.stream_of_rows()])
             ds.attrs["layout"] = h.layout
             ds.attrs["axes"] = ",".join(h.axes)
             ds.attrs["streams"] = ",".join(h.streams)
@@ -284,12 +338,23 @@ class RunWriter:
         """Write ``values`` at row ``start`` and make the dataset end there. Every start is derived
         from what is committed, so rows of a batch that failed before its commit are overwritten
         by the next one instead of shifting it."""
-        ds = self.f[name]
+        ds = self._open[name]
         ds.resize(start + len(values), axis=0)
         if len(values):
-            ds[start:] = values
+            appender = self._direct.get(name)
+            if appender is not None:
+                appender.write(start, values)
+            else:
+                ds[start:] = values
             self.bytes_written += values.nbytes
         return ds
+
+    def _flush(self, name: str) -> None:
+        """Make everything written to dataset ``name`` reach the file."""
+        appender = self._direct.get(name)
+        if appender is not None:
+            appender.flush()
+        self._open[name].flush()
 
     def _put_offsets(self, name: str, committed_entries: int, ends: list[int]) -> h5py.Dataset:
         return self._put(name, committed_entries, np.asarray(ends, dtype=np.int64))
@@ -344,9 +409,10 @@ class RunWriter:
                                        np.frombuffer(b"".join(pieces), np.uint8)))
         for tf in self.token_fields:
             data_sets.append(self._put(tf.path, self.n_tokens[tf.stream], batch.fields[tf.path]))
-        data_sets += [self.f[f"{S.ACTS}/{h.name}"] for h in self.hooks]
         for ds in data_sets:
             ds.flush()
+        for h in self.hooks:
+            self._flush(f"{S.ACTS}/{h.name}")
         # 2. per-field offsets
         per_prompt = self.n_prompts + 1  # committed entries of every per-prompt offsets dataset
         offset_sets = []
@@ -415,7 +481,7 @@ class RunWriter:
             step = max(1, step_bytes // row_bytes)
             for start in range(0, rows, step):
                 self._put(name, start, src[start : min(rows, start + step)])
-            self.f[name].flush()
+            self._flush(name)
         for name, entries in offsets_plan:
             self._put(name, 1, old[name][1:entries]).flush()  # offsets[0] = 0 is already there
         self._put(S.TOKEN_OFFSETS, 1, old[S.TOKEN_OFFSETS][1 : n_prompts + 1]).flush()
