@@ -125,6 +125,21 @@ def _count_blocks(hook_names: list[str], prefix: str) -> int:
     return max(layers) + 1 if layers else 0
 
 
+def _plain_backend(tokenizer: Any) -> Any | None:
+    """The Rust ``tokenizers`` object behind ``tokenizer`` where ``tokenizer.decode(ids)`` is
+    exactly its ``decode(ids, skip_special_tokens=False)``: a transformers fast tokenizer whose
+    ``_decode`` is not overridden and that does no clean-up of spaces. Otherwise None."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    if (not isinstance(tokenizer, TokenizersBackend)
+            or type(tokenizer)._decode is not TokenizersBackend._decode
+            or getattr(tokenizer, "clean_up_tokenization_spaces", True)):
+        return None
+    return getattr(tokenizer, "_tokenizer", None)
+
+
 class Model:
     """A model ready to run: ``model.bridge`` is the TransformerLens ``TransformerBridge``."""
 
@@ -148,6 +163,7 @@ class Model:
         self.provenance = provenance
         self.device = device
         self.hook_names: list[str] = list(bridge.hook_dict)
+        self._vocab: list[str] | None = None
         if bos == "prepend" and self.bos_token_id is None:
             raise UserError(f"{self.name} has no BOS token to prepend; use --bos tokenizer or none")
         self.bos: BosPolicy = bos
@@ -185,9 +201,18 @@ class Model:
         return [self.tokenizer.decode([i]) for i in ids]
 
     def vocab_strings(self) -> list[str]:
-        """Every id of the tokenizer decoded on its own (what :meth:`str_tokens` gives for it)."""
-        n = len(self.tokenizer)
-        return list(self.tokenizer.batch_decode([[i] for i in range(n)]))
+        """Every id of the tokenizer decoded on its own (what :meth:`str_tokens` gives for it).
+        Computed once per model (every capture stores it)."""
+        if self._vocab is None:
+            n = len(self.tokenizer)
+            backend = _plain_backend(self.tokenizer)
+            if backend is not None:
+                # One call into the Rust tokenizer: what decode([i]) returns for such a
+                # tokenizer (49k ids in 0.05 s instead of 0.4 s through batch_decode).
+                self._vocab = list(backend.decode_batch([[i] for i in range(n)], skip_special_tokens=False))
+            else:
+                self._vocab = [self.tokenizer.decode([i]) for i in range(n)]
+        return self._vocab
 
     def _bos_info(self) -> BosInfo:
         probe = "a"
