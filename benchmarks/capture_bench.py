@@ -9,8 +9,9 @@ Cases:
   (b) I/O-bound: every attention pattern (preset ``attention``) of ~1,000-token prompts, the run
       synced to disk at the end (``capture`` closes with fsync).
 Each measurement runs in a fresh subprocess (so peak RSS belongs to that mode alone) and times
-only the work, not loading the model. Modes are interleaved round by round and the median round
-kept, so slow spells of a shared machine hit every mode alike. The disk's sequential write speed
+only the work, not loading the model; it also reports the CPU seconds the process spent on that
+work (all threads). Modes are interleaved round by round, in reverse order every other round, and
+the median round kept, so slow spells of a shared machine hit every mode alike. The disk's sequential write speed
 is measured in the same run: 1 GiB written in 8 MiB blocks, then ``fdatasync`` (what
 ``dd conv=fdatasync`` measures). In case (b) a fourth mode, ``store only``, pushes the same bytes
 through capture's writer thread and run store with no forward pass: the write path's own speed.
@@ -56,6 +57,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def worker(case: str, mode: str, folder: str) -> dict[str, float]:
     import torch
 
@@ -68,6 +74,7 @@ def worker(case: str, mode: str, folder: str) -> dict[str, float]:
     token_ids = [model.tokenize(p) for p in prompts]
     n_tokens = sum(map(len, token_ids))
     rss_loaded = peak_rss_mb()
+    cpu_start = cpu_seconds()
     bytes_out = 0
     if mode == "store":
         seconds, bytes_out = store_only(model, prompts, hooks, batch_size, Path(folder) / f"store-{case}.h5")
@@ -99,7 +106,7 @@ def worker(case: str, mode: str, folder: str) -> dict[str, float]:
                     caches.append(cache)
         seconds = time.perf_counter() - start
         bytes_out = sum(t.numel() * t.element_size() for c in caches for t in c.values())
-    return {"seconds": seconds, "tokens": n_tokens, "bytes": bytes_out,
+    return {"seconds": seconds, "tokens": n_tokens, "bytes": bytes_out, "cpu": cpu_seconds() - cpu_start,
             "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_loaded}
 
 
@@ -204,10 +211,10 @@ def main() -> None:
         disks = []
         for r in range(args.repeats):
             disks.append(measure_disk(folder))
-            this = {key: run_worker(*key, folder) for key in plan}
+            this = {key: run_worker(*key, folder) for key in (plan if r % 2 == 0 else plan[::-1])}
             rounds.append(this)
             for (case, mode), res in this.items():
-                print(f"round {r + 1} {case} {mode:15} {res['seconds']:7.2f} s  "
+                print(f"round {r + 1} {case} {mode:15} {res['seconds']:7.2f} s  {res['cpu']:6.1f} CPU s  "
                       f"{res['tokens'] / res['seconds']:8.1f} tok/s  {res['bytes'] / res['seconds'] / 1e6:7.1f} MB/s"
                       f"  peak RSS {res['peak_rss_mb']:6.0f} MB", flush=True)
         # the median round by case (a)'s capture/run_with_cache ratio: each ratio within one round
@@ -237,7 +244,7 @@ def report(results, small, disk: float, repeats: int, ratios, rounds) -> str:
         "(model loading not timed); the table shows the median round. Reproduce with:"),
         "",
         "```",
-        ".venv/bin/python benchmarks/capture_bench.py --write BENCHMARKS.md",
+        f".venv/bin/python benchmarks/capture_bench.py --repeats {repeats} --write BENCHMARKS.md",
         "```",
         "",
         f"Disk sequential write speed, same run (1 GiB in 8 MiB blocks + fdatasync): **{disk:.0f} MB/s**.",
@@ -248,8 +255,8 @@ def report(results, small, disk: float, repeats: int, ratios, rounds) -> str:
         lines += [f"### ({case}) {desc}", "",
                   (f"{n} prompts, batch size {batch}, hooks `{' '.join(hooks)}`, "
                   f"{results[case, 'capture']['tokens']:,} tokens."), "",
-                  "| mode | seconds | tokens/s | MB/s | peak RSS (MB) | time vs run_with_cache |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| mode | seconds | CPU seconds | tokens/s | MB/s | peak RSS (MB) | time vs run_with_cache |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         ref = results[case, "run_with_cache"]["seconds"]
         for mode in (*MODES, "store"):
             if (case, mode) not in results:
@@ -257,7 +264,7 @@ def report(results, small, disk: float, repeats: int, ratios, rounds) -> str:
             r = results[case, mode]
             # MB/s only where bytes go to disk; in-memory caches hold padded, aliased tensors
             mbs = f"{r['bytes'] / r['seconds'] / 1e6:.1f}" if mode in ("capture", "store") else "-"
-            lines.append(f"| {LABELS[mode]} | {r['seconds']:.2f} | {r['tokens'] / r['seconds']:.1f} | {mbs} | "
+            lines.append(f"| {LABELS[mode]} | {r['seconds']:.2f} | {r['cpu']:.1f} | {r['tokens'] / r['seconds']:.1f} | {mbs} | "
                          f"{r['peak_rss_mb']:.0f} | {r['seconds'] / ref:.2f}x |")
         lines.append("")
     a_cap, b_cap, b_store = results["a", "capture"], results["b", "capture"], results["b", "store"]
@@ -282,8 +289,10 @@ def report(results, small, disk: float, repeats: int, ratios, rounds) -> str:
            "disk's speed varies between the two measurements (the disk figure is one 1 GiB sample).")]
           if store_speed > disk else []),
         ("- Where (a)'s extra time goes: capture also computes per-token loss and the top-k "
-         "predictions over the whole vocabulary, probes the hooks once (two tiny forward passes), and "
-         "converts and writes in a thread that shares the machine's cores with torch's own threads."),
+         "predictions over the whole vocabulary, probes the hooks once (two tiny forward passes), "
+         f"and writes {a_cap['bytes'] / 1e6:.0f} MB through HDF5 in a thread that shares the "
+         f"machine's {os.cpu_count()} cores with torch's own threads. CPU seconds follow wall time "
+         "in every mode that runs the model: torch's worker threads spin while they wait."),
         (f"- Peak RSS of capture: {small['peak_rss_mb']:.0f} MB for {CASES['a-small'][2]} prompts, "
         f"{a_cap['peak_rss_mb']:.0f} MB for {CASES['a'][2]} (TransformerLens' in-memory cache: "
         f"{results['a', 'run_with_cache']['peak_rss_mb']:.0f} MB for {CASES['a'][2]}); "
