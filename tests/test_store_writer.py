@@ -3,10 +3,15 @@ flushes, reopenings and rewinds, the dataset holds exactly the rows last written
 
 from __future__ import annotations
 
+from collections import Counter
+
 import h5py
 import numpy as np
 import pytest
 
+from workbench.store import schema as S
+from workbench.store.reader import open_run
+from workbench.store.synthetic import write_synthetic_run
 from workbench.store.writer import _ChunkAppender
 
 
@@ -68,6 +73,71 @@ def test_a_new_appender_continues_a_partly_filled_chunk_and_a_rewind_overwrites(
         app.flush()
         expected = np.concatenate([first[:4], back])
         np.testing.assert_array_equal(ds[:], expected)
+
+
+def test_reserve_grows_to_the_expected_rows_then_doubles_in_whole_chunks(tmp_path):
+    with h5py.File(tmp_path / "c.h5", "w", libver="latest") as f:
+        ds = _dataset(f, "x", (2,), 8, "float32")
+        app = _ChunkAppender(ds, expected_rows=100)
+        app.reserve(0)
+        assert ds.shape[0] == 0  # nothing asked, nothing grown
+        app.reserve(5)
+        assert ds.shape[0] == app.extent == 104  # the expected rows, rounded up to whole chunks
+        app.reserve(104)
+        assert ds.shape[0] == 104
+        app.reserve(105)
+        assert ds.shape[0] == 208
+        app.reserve(1000)
+        assert ds.shape[0] == 1000
+
+
+def test_activation_extents_grow_in_steps_and_end_at_the_committed_rows(tmp_path, monkeypatch):
+    """Activation datasets are not resized per batch; a reader during the capture sees exactly
+    the committed prompts (it goes by the offsets, not the extents), and after the clean close
+    every dataset ends at its committed rows."""
+    resizes: Counter[str] = Counter()
+    real_resize = h5py.Dataset.resize
+
+    def counting_resize(self, size, axis=None):
+        resizes[self.name] += 1
+        return real_resize(self, size, axis)
+
+    monkeypatch.setattr(h5py.Dataset, "resize", counting_resize)
+    out = tmp_path / "r.h5"
+    partial = out.with_name(out.name + S.PARTIAL_SUFFIX)
+
+    def planted(i, acts):
+        return np.full_like(acts, i) + np.arange(len(acts), dtype=np.float32)[:, None] / 64
+
+    seen = {}
+
+    def edit(i, hook, acts):
+        if i == 30 and hook == "hook_embed":  # prompts 0-29 are committed: read them live
+            with open_run(partial) as run:
+                seen["n"] = run.n_prompts
+                seen["equal"] = all(np.array_equal(run.activation(h, j), planted(j, run.activation(h, j)))
+                                    for j in range(run.n_prompts)
+                                    for h in ("hook_embed", "blocks.1.hook_resid_post"))
+            with h5py.File(partial, "r", swmr=True) as f:
+                seen["extent"] = f["acts/hook_embed"].shape[0]
+                seen["committed"] = int(f[S.TOKEN_OFFSETS][-1])
+        return planted(i, acts)
+
+    n_batches = -(-50 // 2)
+    write_synthetic_run(out, n_prompts=50, batch_size=2, n_layers=2, edit=edit)
+    assert seen["n"] == 30 and seen["equal"]
+    assert seen["extent"] > seen["committed"]  # reserved ahead of the commits
+    for name in ("/acts/hook_embed", "/acts/blocks.1.hook_resid_post", "/acts/blocks.0.attn.hook_pattern"):
+        assert 2 <= resizes[name] <= 12 < n_batches, (name, resizes[name])
+    with open_run(out) as run, h5py.File(out, "r") as f:
+        assert run.n_prompts == 50
+        total = int(f[S.TOKEN_OFFSETS][-1])
+        assert f["acts/hook_embed"].shape == (total, 16)
+        assert f["acts/blocks.1.hook_resid_post"].shape == (total, 16)
+        assert f["acts/blocks.0.attn.hook_pattern"].shape == (int(f["acts_offsets/blocks.0.attn.hook_pattern"][-1]),)
+        for j in range(50):
+            np.testing.assert_array_equal(run.activation("hook_embed", j),
+                                          planted(j, np.zeros((run.n_tokens(j), 16), np.float32)))
 
 
 def test_vocabulary_strings_are_each_id_decoded_alone(tiny_models):
