@@ -148,6 +148,26 @@ def test_loss_and_top_k_equal_an_independent_log_softmax(big_run, llama):
         np.testing.assert_allclose(top_lp, torch.topk(logp, 10).values.numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("vocab, k", [(49152, 10), (50257, 10), (5000, 3), (3000, 10), (50257, 300)])
+def test_top_k_by_groups_equals_torch_topk(vocab, k):
+    from workbench.capturing.runner import _topk_by_groups
+
+    gen = torch.Generator().manual_seed(vocab + k)
+    x = torch.randn(16, vocab, generator=gen) * 4
+    x[3, -1] = 50.0  # the top entry in the last, partial group
+    x[4, :] = float("-inf")
+    x[4, 77] = 0.0
+    x[5, 100:140] = 30.0  # ties across two groups
+    values, ids = _topk_by_groups(x, k)
+    expected = torch.topk(x, k, dim=-1)
+    assert torch.equal(values, expected.values)
+    assert torch.equal(x.gather(-1, ids), values)  # each index holds its value...
+    assert all(len(set(row.tolist())) == k for row in ids)  # ...once
+    assert ids[4, 0] == 77  # the rest of row 4 is tied at -inf
+    untied = [r for r in range(16) if r not in (4, 5)]
+    assert torch.equal(ids[untied], expected.indices[untied])
+
+
 def test_stored_vocabulary_names_predictions_like_the_tokenizer(big_run, llama):
     _, _, run = big_run
     assert run.has_vocab

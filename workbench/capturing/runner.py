@@ -492,6 +492,30 @@ def _real_rows(lengths: list[int], width: int, device: str) -> Any:
 
 
 LM_BLOCK = 16  # positions per block of the LM outputs' reductions (16 x vocab floats: cache-sized)
+TOPK_GROUP = 64  # vocabulary entries per group in _topk_by_groups
+
+
+def _topk_by_groups(x: Any, k: int) -> Any:
+    """``torch.topk(x, k, -1)`` of a 2-D CPU tensor, 3x faster for a large vocabulary (SmolLM2's
+    49,152: 0.33 ms against 1.08 ms per 16 positions; Gemma's 262,144: 0.57 against 3.2 ms).
+    The maxima of groups of :data:`TOPK_GROUP` entries are one cheap vectorised pass; the ``k``
+    groups with the largest maxima hold a top ``k`` (an element outside them has ``k`` group
+    maxima at least as large), so the exact top ``k`` is taken among those groups' entries only.
+    The values are the same; among equal values the index may differ (``torch.topk`` does not
+    define it either)."""
+    import torch
+
+    n, vocab = x.shape
+    groups = vocab // TOPK_GROUP
+    if 4 * k * TOPK_GROUP > vocab:
+        return torch.topk(x, k, dim=-1)
+    maxima = x[:, : groups * TOPK_GROUP].reshape(n, groups, TOPK_GROUP).amax(-1)
+    best = torch.topk(maxima, k, dim=-1).indices
+    idx = (best[:, :, None] * TOPK_GROUP + torch.arange(TOPK_GROUP)).reshape(n, k * TOPK_GROUP)
+    if groups * TOPK_GROUP < vocab:  # the last, partial group is always a candidate
+        idx = torch.cat([idx, torch.arange(groups * TOPK_GROUP, vocab).expand(n, -1)], dim=-1)
+    top = torch.topk(x.gather(-1, idx), k, dim=-1)
+    return top.values, idx.gather(-1, top.indices)
 
 
 def _lm_outputs(plan: CapturePlan, logits: Any, seqs: dict[str, list[list[int]]],
@@ -507,7 +531,8 @@ def _lm_outputs(plan: CapturePlan, logits: Any, seqs: dict[str, list[list[int]]]
     lm = plan.lm_stream
     k = min(plan.predictions, logits.shape[-1])
     # On an accelerator, small blocks would only multiply kernel launches: one block per row.
-    block = LM_BLOCK if logits.device.type == "cpu" else max(1, logits.shape[1])
+    on_cpu = logits.device.type == "cpu"
+    block = LM_BLOCK if on_cpu else max(1, logits.shape[1])
     nll, top_ids, top_lp, targets = [], [], [], []
     for b, seq in enumerate(seqs[lm]):
         if plan.lm_target == "same":
@@ -529,9 +554,9 @@ def _lm_outputs(plan: CapturePlan, logits: Any, seqs: dict[str, list[list[int]]]
             lse = torch.logsumexp(x, dim=-1)
             picked = x.gather(-1, tgt.clamp(min=0)[:, None])[:, 0]
             nll.append(torch.where(tgt >= 0, lse - picked, torch.full_like(lse, float("nan"))))
-            top = torch.topk(x, k=k, dim=-1)
-            top_ids.append(top.indices.to(torch.int32))
-            top_lp.append(top.values - lse[:, None])
+            values, ids = _topk_by_groups(x, k) if on_cpu else torch.topk(x, k=k, dim=-1)
+            top_ids.append(ids.to(torch.int32))
+            top_lp.append(values - lse[:, None])
 
     def cat(parts: list[Any]) -> np.ndarray:
         return torch.cat(parts).cpu().numpy()
