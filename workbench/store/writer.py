@@ -2,7 +2,8 @@
 
 Crash safety rests on three rules:
 
-1. Every dataset is created before the switch to SWMR mode; afterwards the writer only appends.
+1. Every dataset is created before the switch to SWMR mode; afterwards the writer only appends
+   (activation datasets may be extended ahead of their rows, and a clean close trims them).
 2. A batch is appended to every data dataset and flushed *before* any offsets are extended; the
    per-field offsets are flushed next, and ``prompts/token_offsets`` — the commit marker — last.
    A reader (or a reader after ``kill -9``) trusts ``len(token_offsets) - 1`` prompts, whose data
@@ -356,16 +357,15 @@ class RunWriter:
         shifting it."""
         ds = self._open[name]
         appender = self._direct.get(name)
-        if appender is not None:
-            appender.reserve(start + len(values))
-        else:
+        if appender is None:
             ds.resize(start + len(values), axis=0)
-        if len(values):
-            if appender is not None:
-                appender.write(start, values)
-            else:
+            if len(values):
                 ds[start:] = values
-            self.bytes_written += values.nbytes
+        else:
+            appender.reserve(start + len(values))
+            if len(values):
+                appender.write(start, values)
+        self.bytes_written += values.nbytes
         return ds
 
     def _flush(self, name: str) -> None:
