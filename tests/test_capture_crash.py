@@ -158,7 +158,7 @@ def test_a_reader_follows_a_capture_in_progress(tmp_path):
     prompts_file = tmp_path / "prompts.jsonl"
     prompts = _write_prompts(prompts_file, 600, seed=5)
     out = tmp_path / "live.h5"
-    proc = _capture_process(prompts_file, out)
+    proc = _capture_process(prompts_file, out, "--commit-every", "0")  # every batch
     assert _wait_for(tmp_path / "live.h5.partial", proc)
     run = workbench.open_run(tmp_path / "live.h5.partial")
     counts, statuses = [], set()
@@ -193,3 +193,40 @@ def test_two_writers_never_share_a_run(tmp_path, reference):
         assert second.returncode == 2
         assert "another capture is writing" in second.stderr
     assert first.returncode == 0
+
+
+def test_ctrl_c_commits_every_finished_batch_and_resume_completes_the_run(tmp_path, reference,
+                                                                         monkeypatch, tiny_models):
+    """Batches are committed together (here: the first at once, then not for an hour); Ctrl-C
+    during the sixth batch still commits the five finished ones, with exact values, and --resume
+    continues from there."""
+    from workbench.capturing import runner
+
+    prompts_file, ref = reference
+    out = tmp_path / "run.h5"
+    real_run_batch = runner.run_batch
+    calls = []
+
+    def interrupted(plan, indices, on_act=None):
+        calls.append(indices[0])
+        if len(calls) == 6:
+            # part of the batch's activations are handed to the writer, then Ctrl-C
+            on_act(plan.hooks.specs[0].name, np.zeros((3, *plan.hooks.specs[0].feature_shape), np.float32))
+            raise KeyboardInterrupt
+        return real_run_batch(plan, indices, on_act=on_act)
+
+    monkeypatch.setattr(runner, "run_batch", interrupted)
+    llama = tiny_models["tiny-llama"]
+    with pytest.raises(runner.CaptureInterrupted, match="20 prompts are committed"):
+        workbench.capture(llama, prompts_file, hooks=HOOKS, out=out, batch_size=BATCH,
+                          commit_seconds=3600, progress=False)
+    with workbench.open_run(out) as run:
+        assert run.status == "interrupted" and len(run) == 5 * BATCH
+        assert_prompts_equal(run, ref, range(len(run)))
+    monkeypatch.setattr(runner, "run_batch", real_run_batch)
+    result = workbench.capture(llama, prompts_file, hooks=HOOKS, out=out, batch_size=BATCH,
+                               resume=True, commit_seconds=3600, progress=False)
+    assert result.resumed_from == 5 * BATCH
+    with workbench.open_run(out) as run:
+        assert run.status == "complete" and len(run) == len(ref)
+        assert_prompts_equal(run, ref, range(len(ref)))

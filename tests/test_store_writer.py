@@ -145,3 +145,59 @@ def test_vocabulary_strings_are_each_id_decoded_alone(tiny_models):
         vocab = model.vocab_strings()
         assert vocab == [model.tokenizer.decode([i]) for i in range(len(model.tokenizer))], name
         assert model.vocab_strings() is vocab  # computed once
+
+
+def _datasets(f: h5py.File) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def test_batches_committed_together_store_what_one_commit_per_batch_stores(tmp_path):
+    """Three batches written, then one commit for all of them: the finished file holds exactly
+    the bytes of one commit per batch, and a reader in between sees only whole commits."""
+    seen: list[int] = []
+    partial = tmp_path / ("grouped.h5" + S.PARTIAL_SUFFIX)
+
+    def watch(i, hook, acts):
+        if hook == "hook_embed" and i % 2 == 0:  # the first prompt of each batch of 2
+            with open_run(partial) as run:
+                seen.append(run.n_prompts)
+        return acts
+
+    one = write_synthetic_run(tmp_path / "one.h5", n_prompts=21, batch_size=2, seed=3)
+    grouped = write_synthetic_run(tmp_path / "grouped.h5", n_prompts=21, batch_size=2, seed=3,
+                                  commit_every=3, edit=watch)
+    assert seen == [0, 0, 0, 6, 6, 6, 12, 12, 12, 18, 18]  # 21 prompts: 11 batches, 4 commits
+    with h5py.File(one, "r") as a, h5py.File(grouped, "r") as b:
+        da, db = _datasets(a), _datasets(b)
+        assert sorted(da) == sorted(db)
+        for name in da:
+            np.testing.assert_array_equal(da[name], db[name], err_msg=name)
+    with open_run(grouped) as run:
+        assert run.n_prompts == 21 and run.status == "complete"
+
+
+def test_a_commit_needs_every_activation_of_its_batches_written(tmp_path):
+    """Committing a batch whose activations were not all written is a bug, caught before the
+    commit marker moves."""
+    from workbench.store.writer import BatchRecord, RunWriter
+
+    hook = S.HookSpec("hook_embed", "token", (4,), ("pos", "d_model"))
+    writer = RunWriter(tmp_path / "r.h5", model_info={}, settings={}, hooks=[hook], planned_prompts=2,
+                       storage_dtype="float32", compression=None, tool_version="test")
+
+    def record(i: int) -> BatchRecord:
+        return BatchRecord(prompt_ids=[f"p{i}"], texts=["x"], metas=["{}"],
+                           tokens={S.MAIN: [np.arange(3, dtype=np.int32)]},
+                           str_tokens={S.MAIN: [["a", "b", "c"]]}, n_input=[3])
+
+    writer.write_act("hook_embed", np.ones((3, 4), np.float32))  # batch 0 only
+    with pytest.raises(RuntimeError, match="not all written"):
+        writer.commit(BatchRecord.merge([record(0), record(1)]))
+    writer.commit(record(0))
+    assert writer.n_prompts == 1
+    writer.close()
+    with h5py.File(tmp_path / "r.h5", "r") as f:
+        assert f[S.TOKEN_OFFSETS][()].tolist() == [0, 3]
+        assert f["acts/hook_embed"].shape == (3, 4)

@@ -390,6 +390,11 @@ PRESET_HELP = (
 @click.option("--truncate", is_flag=True, help="Cut prompts longer than the model's context (warns).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run once the new one is complete.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted capture (same prompts and settings).")
+@click.option("--commit-every", "commit_seconds", default=2.0, show_default=True,
+              type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Commit finished batches together at most this often (0: every batch). A crash "
+                   "(kill -9, power loss) loses at most the batches of the last SECONDS; Ctrl-C "
+                   "loses none.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved hooks and the size estimate; write nothing.")
 @click.option("--list-presets", is_flag=True, help="List the hook presets and exit.")
 @click.option("--for", "for_analyses", multiple=True, metavar="ANALYSIS",
@@ -400,8 +405,8 @@ def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tup
                 batch_size: int, storage_dtype: str, compression: str, predictions: int,
                 generate: int, temperature: float, sample_top_k: int | None,
                 sample_top_p: float | None, seed: int | None, truncate: bool,
-                overwrite: bool, resume: bool, dry_run: bool, list_presets: bool,
-                for_analyses: tuple[str, ...]) -> None:
+                overwrite: bool, resume: bool, commit_seconds: float, dry_run: bool,
+                list_presets: bool, for_analyses: tuple[str, ...]) -> None:
     """Run MODEL over prompts and record activations into an HDF5 run.
 
     Also stored for every prompt: token ids and strings, per-token loss, the top-k next-token
@@ -458,6 +463,7 @@ def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tup
         dtype=storage_dtype, compression=compression, predictions=predictions, truncate=truncate,
         generate=generate, temperature=temperature, top_k=sample_top_k, top_p=sample_top_p,
         seed=seed, overwrite=overwrite, resume=resume, dry_run=dry_run,
+        commit_seconds=commit_seconds,
     )
     if dry_run:
         plan = result.plan

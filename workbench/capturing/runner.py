@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import queue
 import secrets
@@ -48,6 +49,7 @@ COMPRESSIONS = ("none", "gzip", "lzf")
 RESUME_KEYS = ("model", "family", "hooks", "storage_dtype", "compression", "top_k", "batch_size",
                "bos", "truncate", "gates", "generation")
 WRITE_BUDGET = 256 << 20  # bytes of activations waiting for the writer before hooks block
+COMMIT_SECONDS = 2.0  # batches are committed together at most this often (see _WriterThread)
 
 
 class CaptureInterrupted(UserError):
@@ -585,22 +587,42 @@ def _lower_priority(niceness: int = 10) -> None:
 class _WriterThread(threading.Thread):
     """All HDF5 work happens here. Hooks hand over activations as they fire (``put_act``); the
     batch's tokens follow (``put_commit``). The queue is bounded in bytes, so a slow disk holds
-    the forward pass back instead of filling memory."""
+    the forward pass back instead of filling memory.
 
-    def __init__(self, writer: RunWriter, budget: int | None = None) -> None:
+    Batches are committed together, at most every ``commit_seconds`` (the first one at once):
+    every commit flushes each dataset's partly filled last chunk, so with short batches one
+    commit per batch wrote most bytes twice. A crash loses at most the batches of the last
+    ``commit_seconds``; an interrupt (Ctrl-C) or the end of the capture commits every batch
+    that is complete."""
+
+    def __init__(self, writer: RunWriter, budget: int | None = None,
+                 commit_seconds: float | None = None) -> None:
         super().__init__(name="workbench-writer", daemon=True)
         self.writer = writer
         self.queue: queue.Queue[tuple[str, Any, Any] | None] = queue.Queue()
         self.error: BaseException | None = None
         self.budget = WRITE_BUDGET if budget is None else budget
+        self.commit_seconds = COMMIT_SECONDS if commit_seconds is None else commit_seconds
         self.pending = 0
         self.cond = threading.Condition()
+        self.uncommitted: list[BatchRecord] = []
+        self.last_commit = -math.inf
+
+    def _commit(self) -> None:
+        if self.uncommitted and self.error is None:
+            self.writer.commit(BatchRecord.merge(self.uncommitted))
+            self.last_commit = time.monotonic()
+        self.uncommitted = []
 
     def run(self) -> None:
         _lower_priority()
         while True:
             item = self.queue.get()
             if item is None:
+                try:
+                    self._commit()
+                except BaseException as exc:  # noqa: BLE001 - re-raised by the main thread
+                    self.error = exc
                 return
             kind, a, b = item
             size = b.nbytes if kind == "act" else 0
@@ -609,7 +631,9 @@ class _WriterThread(threading.Thread):
                     if kind == "act":
                         self.writer.write_act(a, b)
                     else:
-                        self.writer.commit(a)
+                        self.uncommitted.append(a)
+                        if time.monotonic() - self.last_commit >= self.commit_seconds:
+                            self._commit()
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, re-raised there
                 self.error = exc
             finally:
@@ -704,6 +728,7 @@ def capture(
     resume: bool = False,
     dry_run: bool = False,
     progress: bool | None = None,
+    commit_seconds: float = COMMIT_SECONDS,
 ) -> CaptureResult:
     """Capture activations of ``model`` on ``prompts`` into the run file ``out``.
 
@@ -719,6 +744,8 @@ def capture(
         sequence; ``temperature`` (0 = greedy), ``top_k``, ``top_p`` and ``seed`` shape the sampling.
     :param overwrite: replace an existing run (the old one stays until the new one is complete).
     :param resume: continue an interrupted capture of the same prompts and settings.
+    :param commit_seconds: commit finished batches together at most this often (0: every batch);
+        a crash loses at most the batches of the last ``commit_seconds``, Ctrl-C none.
     :param dry_run: plan and estimate only; nothing is written.
     :raises UserError: bad input (nothing is written).
     """
@@ -736,6 +763,8 @@ def capture(
         raise UserError("predictions (top-k stored per position) must be between 1 and 1000")
     if generate < 0:
         raise UserError("--generate must be 0 or more")
+    if not commit_seconds >= 0:
+        raise UserError("--commit-every must be 0 or more seconds")
     generation = None
     if generate:
         # A seed is always recorded, so every run can be reproduced from its own settings.
@@ -764,11 +793,12 @@ def capture(
     for line in plan.summary():
         print(f"workbench: {line}", file=sys.stderr)
     settings = _settings(plan, hook_items, truncate)
-    return _execute(plan, final, settings, resume=resume, show_progress=show)
+    return _execute(plan, final, settings, resume=resume, show_progress=show,
+                    commit_seconds=commit_seconds)
 
 
 def _execute(plan: CapturePlan, final: Path, settings: dict[str, Any], *, resume: bool,
-             show_progress: bool) -> CaptureResult:
+             show_progress: bool, commit_seconds: float = COMMIT_SECONDS) -> CaptureResult:
     import h5py
 
     from workbench import __version__
@@ -825,7 +855,7 @@ def _execute(plan: CapturePlan, final: Path, settings: dict[str, Any], *, resume
             fsync_dir(partial.parent)
             print(f"workbench: resuming after {start_at} committed prompts", file=sys.stderr)
         with gates_enabled(plan.model, plan.hooks.gates):
-            result = _stream(plan, writer, start_at, show_progress)
+            result = _stream(plan, writer, start_at, show_progress, commit_seconds)
         writer.close()
         os.replace(partial, final)
         fsync_dir(final.parent)
@@ -873,7 +903,8 @@ def _discard_if_empty(writer: RunWriter, start_at: int) -> None:
         writer.path.unlink(missing_ok=True)
 
 
-def _stream(plan: CapturePlan, writer: RunWriter, start_at: int, show_progress: bool) -> CaptureResult:
+def _stream(plan: CapturePlan, writer: RunWriter, start_at: int, show_progress: bool,
+            commit_seconds: float = COMMIT_SECONDS) -> CaptureResult:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -883,7 +914,7 @@ def _stream(plan: CapturePlan, writer: RunWriter, start_at: int, show_progress: 
     )
 
     n_total = len(plan.prompts)
-    thread = _WriterThread(writer)
+    thread = _WriterThread(writer, commit_seconds=commit_seconds)
     thread.start()
     t0 = time.monotonic()
     tokens_done = 0

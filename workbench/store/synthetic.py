@@ -43,7 +43,8 @@ def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_l
                         n_heads: int = 2, d_model: int = 16, lengths: tuple[int, int] = (4, 12),
                         seed: int = 0, top_k: int = 5, batch_size: int = 1, delay: float = 0.0,
                         keep_partial: bool = False, metadata: list[dict[str, Any]] | None = None,
-                        edit: Callable[[int, str, np.ndarray], np.ndarray] | None = None) -> Path:
+                        edit: Callable[[int, str, np.ndarray], np.ndarray] | None = None,
+                        commit_every: int = 1) -> Path:
     """Write a decoder run at ``path`` and return it. Stores ``hook_embed``,
     ``blocks.L.hook_resid_post`` and ``blocks.L.attn.hook_pattern`` for every layer, loss and
     top-k predictions, and a vocabulary. With ``delay``, sleeps that long after each committed
@@ -51,7 +52,8 @@ def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_l
 
     ``metadata`` gives each prompt's JSONL fields (e.g. ``{"label": "positive"}``); ``edit(i,
     hook, acts)`` returns prompt ``i``'s ``(tokens, d_model)`` activations of ``hook`` to store in
-    place of the random ones (to plant a known structure, such as a direction)."""
+    place of the random ones (to plant a known structure, such as a direction). ``commit_every``
+    batches are written, then committed together (as a capture does with ``--commit-every``)."""
     from workbench.capturing.runner import _Lock
 
     final = Path(path)
@@ -87,6 +89,7 @@ def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_l
     writer = RunWriter(partial, model_info=model_info, settings=settings, hooks=hooks,
                        planned_prompts=n_prompts, storage_dtype="float32", compression=None,
                        tool_version="synthetic", token_fields=fields, vocab=vocab)
+    waiting: list[BatchRecord] = []  # batches written, to be committed together
     try:
         for start in range(0, n_prompts, batch_size):
             batch = prompts[start : start + batch_size]
@@ -125,7 +128,10 @@ def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_l
                              f"{S.MAIN}/{S.TOPK_IDS}": order.astype(np.int32),
                              f"{S.MAIN}/{S.TOPK_LOGPROBS}":
                                  np.take_along_axis(logp, order, -1).astype(np.float32)}
-            writer.commit(record)
+            waiting.append(record)
+            if len(waiting) == commit_every or start + batch_size >= n_prompts:
+                writer.commit(BatchRecord.merge(waiting))
+                waiting = []
             if delay:
                 time.sleep(delay)
         writer.close()

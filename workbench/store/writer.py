@@ -1,10 +1,12 @@
-"""Writing a run: a single HDF5 file written in SWMR mode, committed batch by batch.
+"""Writing a run: a single HDF5 file written in SWMR mode, committed one or more whole batches
+at a time.
 
 Crash safety rests on three rules:
 
 1. Every dataset is created before the switch to SWMR mode; afterwards the writer only appends
    (activation datasets may be extended ahead of their rows, and a clean close trims them).
-2. A batch is appended to every data dataset and flushed *before* any offsets are extended; the
+2. A commit's batches are appended to every data dataset and flushed *before* any offsets are
+   extended (a capture commits the batches finished in the last few seconds together); the
    per-field offsets are flushed next, and ``prompts/token_offsets`` — the commit marker — last.
    A reader (or a reader after ``kill -9``) trusts ``len(token_offsets) - 1`` prompts, whose data
    is already on disk.
@@ -83,6 +85,26 @@ class BatchRecord:
         return (sum(a.nbytes for a in self.acts.values())
                 + sum(a.nbytes for a in self.fields.values())
                 + sum(t.nbytes for ids in self.tokens.values() for t in ids))
+
+    @classmethod
+    def merge(cls, records: list[BatchRecord]) -> BatchRecord:
+        """The consecutive batches ``records`` as one (committed together). Their activations
+        must have been written already: ``acts`` are not merged."""
+        if len(records) == 1:
+            return records[0]
+        if any(r.acts for r in records):
+            raise ValueError("merge records whose activations are written, not held")
+        first = records[0]
+        return cls(
+            prompt_ids=[x for r in records for x in r.prompt_ids],
+            texts=[x for r in records for x in r.texts],
+            metas=[x for r in records for x in r.metas],
+            tokens={s: [x for r in records for x in r.tokens[s]] for s in first.tokens},
+            str_tokens={s: [x for r in records for x in r.str_tokens[s]] for s in first.str_tokens},
+            n_input=[x for r in records for x in r.n_input],
+            square_sizes={h: [x for r in records for x in r.square_sizes[h]] for h in first.square_sizes},
+            fields={f: np.concatenate([r.fields[f] for r in records]) for f in first.fields},
+        )
 
 
 def _load_sync_file_range() -> Any:
@@ -203,7 +225,10 @@ class RunWriter:
         self.bytes_written = 0
         self.n_prompts = 0
         self.n_tokens: dict[str, int] = dict.fromkeys(streams, 0)
-        self._elements: dict[str, int] = {}  # square hook -> elements written
+        self._elements: dict[str, int] = {}  # square hook -> elements committed
+        # hook -> rows (square hooks: elements) written past the committed ones, by write_act
+        # calls for batches not committed yet: several batches may be committed at once
+        self._pending: dict[str, int] = {h.name: 0 for h in hooks}
         self._ragged_bytes: dict[str, int] = dict.fromkeys(S.RAGGED_BYTES, 0)
         self._str_bytes: dict[str, int] = dict.fromkeys(streams, 0)
         self._closed = False
@@ -352,9 +377,8 @@ class RunWriter:
     def _put(self, name: str, start: int, values: np.ndarray) -> h5py.Dataset:
         """Write ``values`` at row ``start`` and make the dataset end there (an activation
         dataset written by a :class:`_ChunkAppender` may extend further: see
-        :meth:`_ChunkAppender.reserve`). Every start is derived from what is committed, so rows
-        of a batch that failed before its commit are overwritten by the next one instead of
-        shifting it."""
+        :meth:`_ChunkAppender.reserve`). Every start is derived from what is committed (plus,
+        for activations, the rows written for batches awaiting their commit)."""
         ds = self._open[name]
         appender = self._direct.get(name)
         if appender is None:
@@ -394,9 +418,11 @@ class RunWriter:
                 pass  # no plain file descriptor: the final fsync still makes everything durable
 
     def write_act(self, name: str, values: np.ndarray) -> None:
-        """Write one hook's values for the batch being written (data only; committed by
-        :meth:`commit`). Lets the capture hand over each hook as soon as it fires."""
-        self._put(f"{S.ACTS}/{name}", self._act_start(self._hook[name]), values)
+        """Write one hook's values for the next batch (data only; committed by :meth:`commit`).
+        Lets the capture hand over each hook as soon as it fires. Values of several batches in a
+        row may be written before one commit covers them all (see :meth:`BatchRecord.merge`)."""
+        self._put(f"{S.ACTS}/{name}", self._act_start(self._hook[name]) + self._pending[name], values)
+        self._pending[name] += len(values)
 
     def append(self, batch: BatchRecord) -> None:
         """Write one batch and commit it (see the module docstring for the order)."""
@@ -407,6 +433,11 @@ class RunWriter:
     def commit(self, batch: BatchRecord) -> None:
         """Write the batch's tokens and per-token fields, then flush, then commit: its
         activations must already be written (by :meth:`write_act` or :meth:`append`)."""
+        committed = {h.name: sum(batch.square_sizes[h.name]) if h.layout == "square"
+                     else sum(len(t) for t in batch.tokens[h.stream_of_rows()]) for h in self.hooks}
+        short = [n for n, rows in committed.items() if rows > self._pending[n]]
+        if short:
+            raise RuntimeError(f"committing a batch whose activations were not all written: {short}")
         data_sets: list[h5py.Dataset] = []
         # 1. data
         ragged_ends: dict[str, list[int]] = {}
@@ -462,6 +493,8 @@ class RunWriter:
                 self._str_bytes[stream] = str_ends[stream][-1]
         for name, ends in square_ends.items():
             self._elements[name] = ends[-1]
+        for name, rows in committed.items():
+            self._pending[name] -= rows
         self.n_prompts += len(batch.texts)
 
     # --- resume ------------------------------------------------------------------------------
