@@ -13,6 +13,7 @@ import functools
 import math
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -281,8 +282,13 @@ def test_prompts_appear_while_the_capture_writes(tmp_path):
 # --- analyses ------------------------------------------------------------------------------------
 
 
+RELEASE_SLOW = threading.Event()  # the slow analysis finishes only once this is set
+
+
 class SlowPlugin:
-    """An analysis that takes about a second and reports progress, and a third-party view."""
+    """An analysis that takes about a second, reports progress and then waits for
+    :data:`RELEASE_SLOW` (so a loaded machine cannot let it finish before the test looks), and a
+    third-party view."""
 
     @hookimpl
     def register_analyses(self, register):  # type: ignore[no-untyped-def]
@@ -292,6 +298,7 @@ class SlowPlugin:
                 time.sleep(0.15)
                 total += ctx.run.n_tokens(i)
                 ctx.progress(i + 1, ctx.n_prompts)
+            RELEASE_SLOW.wait(60)
             return Result(data={"tokens": total}, arrays={"per_prompt": np.arange(ctx.n_prompts, dtype=np.float64)})
 
         register(Analysis(name="slow-count", description="counts tokens, slowly", version="1",
@@ -314,6 +321,7 @@ class SlowPlugin:
 
 def test_analysis_runs_in_the_background_and_its_view_appears(synthetic, workbench_register_plugin):
     workbench_register_plugin(SlowPlugin(), name="slow")
+    RELEASE_SLOW.clear()
     run = workbench.open_run(synthetic)
     expected_tokens = sum(run.n_tokens(i) for i in range(len(run)))
     app = make_app([str(synthetic)])
@@ -336,6 +344,7 @@ def test_analysis_runs_in_the_background_and_its_view_appears(synthetic, workben
             moved.append(app.focus_state.pos - before)
         label = plain(app.query_one("#progress-label"))
         still_running = bool(running) and not running[0].is_finished
+        RELEASE_SLOW.set()
         await app.workers.wait_for_complete()
         await pilot.pause(0.2)
         shown = app.query("#token-count")

@@ -392,8 +392,8 @@ PRESET_HELP = (
 @click.option("--resume", is_flag=True, help="Continue an interrupted capture (same prompts and settings).")
 @click.option("--commit-every", "commit_seconds", default=2.0, show_default=True,
               type=click.FloatRange(min=0), metavar="SECONDS",
-              help="Commit finished batches together at most this often (0: every batch). A crash "
-                   "(kill -9, power loss) loses at most the batches of the last SECONDS; Ctrl-C "
+              help="Commit finished batches together at most this often (0: every batch). A killed "
+                   "capture (kill -9) loses at most the batches of the last SECONDS; Ctrl-C "
                    "loses none.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved hooks and the size estimate; write nothing.")
 @click.option("--list-presets", is_flag=True, help="List the hook presets and exit.")

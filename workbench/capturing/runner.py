@@ -745,7 +745,7 @@ def capture(
     :param overwrite: replace an existing run (the old one stays until the new one is complete).
     :param resume: continue an interrupted capture of the same prompts and settings.
     :param commit_seconds: commit finished batches together at most this often (0: every batch);
-        a crash loses at most the batches of the last ``commit_seconds``, Ctrl-C none.
+        a killed capture loses at most the batches of the last ``commit_seconds``, Ctrl-C none.
     :param dry_run: plan and estimate only; nothing is written.
     :raises UserError: bad input (nothing is written).
     """
