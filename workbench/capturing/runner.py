@@ -596,50 +596,47 @@ class _WriterThread(threading.Thread):
     that is complete."""
 
     def __init__(self, writer: RunWriter, budget: int | None = None,
-                 commit_seconds: float | None = None) -> None:
+                 commit_seconds: float = COMMIT_SECONDS) -> None:
         super().__init__(name="workbench-writer", daemon=True)
         self.writer = writer
-        self.queue: queue.Queue[tuple[str, Any, Any] | None] = queue.Queue()
+        self.queue: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
         self.error: BaseException | None = None
         self.budget = WRITE_BUDGET if budget is None else budget
-        self.commit_seconds = COMMIT_SECONDS if commit_seconds is None else commit_seconds
+        self.commit_seconds = commit_seconds
         self.pending = 0
         self.cond = threading.Condition()
         self.uncommitted: list[BatchRecord] = []
         self.last_commit = -math.inf
 
     def _commit(self) -> None:
-        if self.uncommitted and self.error is None:
+        if self.uncommitted:
             self.writer.commit(BatchRecord.merge(self.uncommitted))
+            self.uncommitted = []
             self.last_commit = time.monotonic()
-        self.uncommitted = []
 
     def run(self) -> None:
         _lower_priority()
         while True:
-            item = self.queue.get()
-            if item is None:
-                try:
-                    self._commit()
-                except BaseException as exc:  # noqa: BLE001 - re-raised by the main thread
-                    self.error = exc
-                return
-            kind, a, b = item
+            kind, a, b = self.queue.get()
             size = b.nbytes if kind == "act" else 0
             try:
                 if self.error is None:
                     if kind == "act":
                         self.writer.write_act(a, b)
-                    else:
+                    elif kind == "commit":
                         self.uncommitted.append(a)
                         if time.monotonic() - self.last_commit >= self.commit_seconds:
                             self._commit()
+                    else:  # the end: commit every finished batch
+                        self._commit()
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, re-raised there
                 self.error = exc
             finally:
                 with self.cond:
                     self.pending -= size
                     self.cond.notify_all()
+            if kind == "end":
+                return
 
     def _check(self) -> None:
         if self.error is not None:
@@ -658,7 +655,7 @@ class _WriterThread(threading.Thread):
         self.queue.put(("commit", record, None))
 
     def finish(self) -> None:
-        self.queue.put(None)
+        self.queue.put(("end", None, None))
         self.join()
 
 
@@ -798,7 +795,7 @@ def capture(
 
 
 def _execute(plan: CapturePlan, final: Path, settings: dict[str, Any], *, resume: bool,
-             show_progress: bool, commit_seconds: float = COMMIT_SECONDS) -> CaptureResult:
+             show_progress: bool, commit_seconds: float) -> CaptureResult:
     import h5py
 
     from workbench import __version__
@@ -904,7 +901,7 @@ def _discard_if_empty(writer: RunWriter, start_at: int) -> None:
 
 
 def _stream(plan: CapturePlan, writer: RunWriter, start_at: int, show_progress: bool,
-            commit_seconds: float = COMMIT_SECONDS) -> CaptureResult:
+            commit_seconds: float) -> CaptureResult:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

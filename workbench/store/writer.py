@@ -90,10 +90,10 @@ class BatchRecord:
     def merge(cls, records: list[BatchRecord]) -> BatchRecord:
         """The consecutive batches ``records`` as one (committed together). Their activations
         must have been written already: ``acts`` are not merged."""
-        if len(records) == 1:
-            return records[0]
         if any(r.acts for r in records):
             raise ValueError("merge records whose activations are written, not held")
+        if len(records) == 1:
+            return records[0]
         first = records[0]
         return cls(
             prompt_ids=[x for r in records for x in r.prompt_ids],
