@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from workbench.capturing.hooks import HookPlan, gates_enabled, plan_hooks, select
+from workbench.capturing.malloc import freed_memory_kept
 from workbench.capturing.prompts import Prompt, normalize
 from workbench.capturing.sampling import SamplingSettings, entropy, sampling_distribution
 from workbench.errors import UserError
@@ -851,7 +852,7 @@ def _execute(plan: CapturePlan, final: Path, settings: dict[str, Any], *, resume
             writer.move_to(partial)  # the copy holds everything the killed file committed
             fsync_dir(partial.parent)
             print(f"workbench: resuming after {start_at} committed prompts", file=sys.stderr)
-        with gates_enabled(plan.model, plan.hooks.gates):
+        with gates_enabled(plan.model, plan.hooks.gates), freed_memory_kept():
             result = _stream(plan, writer, start_at, show_progress, commit_seconds)
         writer.close()
         os.replace(partial, final)
