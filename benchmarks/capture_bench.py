@@ -219,6 +219,7 @@ def main() -> None:
         disks = []
         for r in range(args.repeats):
             disks.append(measure_disk(folder))
+            print(f"round {r + 1} disk {disks[-1]:.0f} MB/s", flush=True)
             this = {key: run_worker(*key, folder) for key in (plan if r % 2 == 0 else plan[::-1])}
             rounds.append(this)
             for (case, mode), res in this.items():
@@ -236,6 +237,12 @@ def main() -> None:
     if args.write:
         # Only this benchmark's section: the others write their own.
         replace_section(args.write, text.split("\n", 2)[2] if text.startswith("# Benchmarks\n") else text)
+
+
+def median(rounds, case: str, mode: str, over: str | None = None) -> float:
+    """The median over rounds of a mode's seconds, or of its ratio to mode ``over``."""
+    values = sorted(r[case, mode]["seconds"] / (r[case, over]["seconds"] if over else 1) for r in rounds)
+    return values[len(values) // 2]
 
 
 def report(results, small, disk: float, repeats: int, ratios, rounds) -> str:
@@ -278,7 +285,6 @@ def report(results, small, disk: float, repeats: int, ratios, rounds) -> str:
     a_cap, b_cap, b_store = results["a", "capture"], results["b", "capture"], results["b", "store"]
     write_speed = b_cap["bytes"] / b_cap["seconds"] / 1e6
     store_speed = b_store["bytes"] / b_store["seconds"] / 1e6
-    b_fwd = results["b", "forward"]["seconds"]
     b_kept = results["b", "forward-kept"]["seconds"]
     lines += [
         "### Targets",
@@ -295,12 +301,14 @@ def report(results, small, disk: float, repeats: int, ratios, rounds) -> str:
             "disk's speed; the store-only row is the write path's own speed."
             if b_kept > b_cap["bytes"] / 1e6 / disk else ".")),
         (f"- Capture keeps freed memory for reuse while it runs (`workbench/capturing/malloc.py`): "
-         f"glibc otherwise maps every block above 32 MiB fresh from the kernel, page faults and "
-         f"all. That alone takes the plain forward pass of (b) from {b_fwd:.1f} s to {b_kept:.1f} s "
-         f"(case (a): {results['a', 'forward']['seconds']:.1f} s to "
-         f"{results['a', 'forward-kept']['seconds']:.1f} s). Against the forward pass run the same "
-         f"way, capture takes {results['a', 'capture']['seconds'] / results['a', 'forward-kept']['seconds']:.2f}x "
-         f"in (a) and {b_cap['seconds'] / b_kept:.2f}x in (b)."),
+         f"glibc otherwise maps every block above its mmap threshold fresh from the kernel, page "
+         f"faults and all. Medians over the {repeats} rounds: that alone takes the plain forward "
+         f"pass of (b) from {median(rounds, 'b', 'forward'):.1f} s to "
+         f"{median(rounds, 'b', 'forward-kept'):.1f} s; in (a), whose tensors are small, "
+         f"{median(rounds, 'a', 'forward'):.1f} s against {median(rounds, 'a', 'forward-kept'):.1f} s "
+         f"is within the rounds' spread. Against the forward pass run the same way, capture takes "
+         f"{median(rounds, 'a', 'capture', 'forward-kept'):.2f}x in (a) and "
+         f"{median(rounds, 'b', 'capture', 'forward-kept'):.2f}x in (b) (medians of per-round ratios)."),
         *([("  The store-only run closes with fsync, so it exceeding the disk figure means the virtual "
            "disk's speed varies between the two measurements (the disk figure is one 1 GiB sample).")]
           if store_speed > disk else []),

@@ -99,6 +99,5 @@ def test_capture_runs_its_forward_passes_with_freed_memory_kept(tmp_path, tiny_m
         yield True
 
     monkeypatch.setattr(runner, "freed_memory_kept", spy)
-    model = workbench.load_model("tiny-llama", device="cpu", progress=False)
-    workbench.capture(model, ["a b c", "d e"], hooks=["residual"], out=tmp_path / "r.h5", progress=False)
+    workbench.capture(tiny_models["tiny-llama"], ["a b c", "d e"], hooks=["residual"], out=tmp_path / "r.h5", progress=False)
     assert entered == [True]
