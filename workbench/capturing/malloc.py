@@ -6,13 +6,17 @@ such blocks all the time: one attention pattern of SmolLM2 over 1,000 tokens is 
 scores, softmax and products beside it as large. Every one of them is page-faulted in and zeroed
 by the kernel, about 4 million page faults (16 GB) for four 1,000-token prompts, and the forward
 pass spends about a third of its time there (measured: 16.4-18.2 s against 11.3-11.6 s with
-freed memory kept; docs/store.md). TransformerLens runs the same way; nothing in torch changes it.
+freed memory kept; docs/store.md). TransformerLens runs the same way. torch's CPU allocator keeps
+no cache of its own; its ``THP_MEM_ALLOC_ENABLE``, read once at start-up, asks for huge pages,
+which makes the faults fewer (12.7 s here) but still zeroes every block.
 
 :func:`freed_memory_kept` raises both thresholds for the length of a capture, so freed blocks
-stay in the heap and are reused. The peak stays about the same (the blocks are needed at the same
-time either way); at the end the thresholds go back to the values glibc's own dynamic adjustment
-settles on after large blocks are freed (32 MiB and 64 MiB), and ``malloc_trim`` hands the free
-memory back. The setting is process-wide: other threads allocate under it too while a capture runs.
+stay in the heap and are reused. The price is a higher peak: freed blocks do not always fit the
+next request (capturing those prompts' attention patterns peaked at 1.9-2.0 GB instead of
+1.6 GB, flat in the number of prompts). At the end the thresholds go back to the values glibc's
+own dynamic adjustment reaches after large blocks are freed (32 MiB and 64 MiB), and
+``malloc_trim`` hands the free memory back. The setting is process-wide: other threads allocate
+under it too while a capture runs.
 """
 
 from __future__ import annotations
