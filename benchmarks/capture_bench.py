@@ -290,7 +290,7 @@ def report(results, small, disk: float, repeats: int, ratios, rounds) -> str:
         "### Targets",
         "",
         "- (a) capture / run_with_cache, per round: "
-        + ", ".join(f"{x:.3f}x" for x in ratios) + f"; median **{sorted(ratios)[len(ratios) // 2]:.3f}x** "
+        + ", ".join(f"{x:.3f}x" for x in ratios) + f"; median **{median(rounds, 'a', 'capture', 'run_with_cache'):.3f}x** "
         "(target <= 1.15x).",
         (f"- (b) end to end, capture writes at **{write_speed:.0f} MB/s = {write_speed / disk:.0%}** of "
          f"the disk's sequential speed (target >= 70%); its write path alone (store only) reaches "
