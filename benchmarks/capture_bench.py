@@ -123,7 +123,8 @@ def store_only(model, prompts, hooks, batch_size, out: Path) -> tuple[float, int
     values) go through the same writer thread into a run file, closed with fsync."""
     import numpy as np
 
-    from workbench.capturing.runner import _WriterThread, make_plan
+    from workbench.capturing.plan import make_plan
+    from workbench.store.writer_thread import WriterThread
     from workbench.store import schema as S
     from workbench.store.writer import RunWriter
 
@@ -139,7 +140,7 @@ def store_only(model, prompts, hooks, batch_size, out: Path) -> tuple[float, int
                        expected_batches=-(-len(prompts) // batch_size),
                        expected_elements={h.name: sum(h.elements_for(plan.lengths(i)) for i in range(len(prompts)))
                                           for h in plan.hooks.specs if h.layout == "square"})
-    thread = _WriterThread(writer)
+    thread = WriterThread(writer)
     thread.start()
     from workbench.store.writer import BatchRecord
 
@@ -170,9 +171,9 @@ def store_only(model, prompts, hooks, batch_size, out: Path) -> tuple[float, int
 
 
 def workbench_prompt(text: str, i: int):
-    from workbench.capturing.prompts import Prompt
+    from workbench.capturing.prompts import Prompt, default_prompt_id
 
-    return Prompt(text=text, id=f"p{i}")
+    return Prompt(text=text, id=default_prompt_id(i))
 
 
 def measure_disk(folder: str, size: int = 1 << 30, block: int = 8 << 20) -> float:

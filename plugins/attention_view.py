@@ -5,8 +5,8 @@
   it look" panel for the focused token.
 - :class:`AttendsToView`: the same panel alone, for an ``attends-to`` result.
 
-The panel follows the app's focused prompt and token (``follow(run, focus)``, see
-``workbench.tui.messages``): for every layer, each head's most-attended keys with weights.
+The panel follows the app's focused prompt and token (``follow(run, focus)``: the views implement
+:class:`workbench.kit.FollowsFocus`): for every layer, each head's most-attended keys with weights.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 from workbench_plugins.attention import SCORES, lookup
 
-from workbench.tui.messages import ShowAttentionHead
+from workbench.kit import ShowAttentionHead
 
 if TYPE_CHECKING:
+    from workbench.kit import Focus
     from workbench.store.reader import Run
     from workbench.store.results import StoredResult
 
@@ -41,7 +42,8 @@ class LookPanel(Static):
         self.shown: tuple[int, int] | None = None
         self.data: dict[str, Any] | None = None
 
-    def follow(self, run: Run, prompt: int, pos: int) -> None:
+    def follow(self, run: Run, focus: Focus) -> None:
+        prompt, pos = focus.prompt, focus.pos
         if (prompt, pos) == self.shown and run is self.run:
             return
         self.run = run
@@ -167,8 +169,8 @@ class HeadRolesView(Vertical):
         hook, head = str(key).rsplit("|", 1)
         return hook, int(head)
 
-    def follow(self, run: Run, focus: Any) -> None:
-        self.query_one(LookPanel).follow(run, focus.prompt, focus.pos)
+    def follow(self, run: Run, focus: Focus) -> None:
+        self.query_one(LookPanel).follow(run, focus)
 
 
 class AttendsToView(Vertical):
@@ -188,5 +190,5 @@ class AttendsToView(Vertical):
         panel.shown = (d["prompt"], d["query"]["position"])
         yield panel
 
-    def follow(self, run: Run, focus: Any) -> None:
-        self.query_one(LookPanel).follow(run, focus.prompt, focus.pos)
+    def follow(self, run: Run, focus: Focus) -> None:
+        self.query_one(LookPanel).follow(run, focus)

@@ -20,20 +20,12 @@ from rich.table import Table
 from rich.text import Text
 from textual.binding import Binding, BindingType
 from textual.widgets import Static
-from workbench_plugins.lens_view import _bar, _PromptView, _short
+
+from workbench.kit import PromptView, bar, diverging, short
 
 if TYPE_CHECKING:
     from workbench.store.reader import Run
     from workbench.store.results import StoredResult
-
-
-def _diverging(v: float) -> str:
-    """A background: red for negative, blue for positive, dark at 0 (``v`` in [-1, 1])."""
-    v = 0.0 if not np.isfinite(v) else min(max(v, -1.0), 1.0)
-    a = abs(v)
-    if v >= 0:
-        return f"on rgb({int(20 + 20 * a)},{int(25 + 95 * a)},{int(40 + 170 * a)})"
-    return f"on rgb({int(40 + 170 * a)},{int(25 + 40 * a)},{int(20 + 20 * a)})"
 
 
 class _MatrixView(Static):
@@ -176,12 +168,12 @@ class SeparationView(Static):
             table.add_column(col, justify=just)  # type: ignore[arg-type]
         for x in d["layers"]:
             table.add_row(Text(x["layer"], style="reverse" if x["layer"] == d["layer"] else ""), f"{x['auc']:.3f}",
-                          _bar(max(x["auc"] - 0.5, 0.0), 0.5, 24), f"{x['accuracy']:.1%}",
+                          bar(max(x["auc"] - 0.5, 0.0), 0.5, 24), f"{x['accuracy']:.1%}",
                           f"{x['cosine_to_chosen']:+.2f}")
         return Group(head, sub, table)
 
 
-class ProjectionView(_PromptView):
+class ProjectionView(PromptView):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("c", "toggle_cosine", "projection / cosine")]
     can_focus = True
 
@@ -217,13 +209,13 @@ class ProjectionView(_PromptView):
         table = Table(box=None, pad_edge=False, header_style="bold")
         table.add_column("layer", justify="right")
         for p in cols:
-            table.add_column(Text(_short(strs[p], 7), style="reverse" if p == pos else ""), justify="right")
+            table.add_column(Text(short(strs[p], 7), style="reverse" if p == pos else ""), justify="right")
         if sep:
             table.add_column("AUC", justify="right")
             table.add_column("acc", justify="right")
         for r in reversed(range(len(rows))):
             cells = [Text(f"{values[p, r]:.2f}" if self.cosine else f"{values[p, r]:.1f}",
-                          style=_diverging(float(values[p, r]) / scale) if start <= p < end else "dim")
+                          style=diverging(float(values[p, r]) / scale) if start <= p < end else "dim")
                      for p in cols]
             x = sep.get(rows[r])
             extra = ([f"{x['auc']:.2f}", f"{x['accuracy']:.0%}"] if x else ["", ""]) if sep else []

@@ -25,19 +25,32 @@ Registered through the ``workbench`` entry-point group like any third-party plug
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from workbench_plugins.directions import _load_file, _unit, content_span, find_direction
-from workbench_plugins.intervene import Edit, Intervener, Metric, Row, hook_names
-from workbench_plugins.lens import resolve_target
+from workbench_plugins.ablation import compute_ablation, render_ablation
+from workbench_plugins.directions import content_span, find_direction, load_direction_file, unit_vector
+from workbench_plugins.intervene import Intervener, Row, hook_names
+from workbench_plugins.intervention_setup import (
+    ABLATION_COMPONENTS,
+    METRICS,
+    ablation_rows,  # noqa: F401 - public here too
+    choose_components,
+    components,
+    corrupted_tokens,
+    head_rows,
+    input_tokens,
+    make_metric,
+    parse_prompts,
+    position_rows,
+)
 
 from workbench import hookimpl
 from workbench.analysis import Analysis, AnalysisContext, Param, Result
 from workbench.errors import UserError
+from workbench.hooknames import resid_post, resid_pre
 from workbench.views import View, lazy_view
 
 if TYPE_CHECKING:
@@ -45,218 +58,7 @@ if TYPE_CHECKING:
 
     from workbench.models.model import Model
 
-METRICS = ("auto", "logit_diff", "logit", "prob", "loss")
 _PROMPTS = Param("prompts", str, "all", "which prompts: all, or a list like 0,3,5-7")
-
-# --- shared ---------------------------------------------------------------------------------------
-
-
-def parse_prompts(text: str, available: range) -> list[int]:
-    """``all`` or a list like ``0,3,5-7`` of prompt indices (each must be in ``available``)."""
-    if text.strip() == "all":
-        return list(available)
-    out: list[int] = []
-    for part in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m:
-            raise UserError(f"prompts: {text!r} is not 'all' or a list like 0,3,5-7")
-        lo, hi = int(m[1]), int(m[2] or m[1])
-        out.extend(range(lo, hi + 1))
-    bad = [i for i in out if i not in available]
-    if bad:
-        raise UserError(f"prompts: the run has no prompt {bad[0]} (it has {len(available)})")
-    return list(dict.fromkeys(out))
-
-
-def input_tokens(ctx: AnalysisContext, i: int) -> list[int]:
-    run = ctx.run
-    return [int(t) for t in run.tokens(i)[: run.n_input_tokens(i)]]
-
-
-def make_metric(ctx: AnalysisContext, model: Model, i: int, tokens: list[int]) -> tuple[Metric, dict[str, Any]]:
-    """Prompt ``i``'s metric and a description of it (target, wrong, kind, name)."""
-    kind = ctx.params["metric"]
-    t = resolve_target(ctx, model, i, len(tokens) - 1)
-    if kind == "auto":
-        kind = "logit_diff" if t["wrong_id"] is not None else "logit"
-    if kind == "logit_diff" and t["wrong_id"] is None:
-        raise UserError(f"metric logit_diff needs a wrong token: prompt {i} has no 'wrong' (give one with "
-                        f"--param {ctx.analysis.name}.wrong=TOKEN)")
-    names = {"logit": f"logit({t['target']!r})", "prob": f"p({t['target']!r})",
-             "logit_diff": f"logit({t['target']!r}) - logit({t['wrong']!r})", "loss": "loss (mean next-token CE)"}
-    desc = {"metric": kind, "metric_name": names[kind], "target": t["target"], "target_id": t["target_id"],
-            "wrong": t["wrong"] if kind == "logit_diff" else None,
-            "wrong_id": t["wrong_id"] if kind == "logit_diff" else None, "target_source": t["source"]}
-    return Metric(kind, tokens, t["target_id"], t["wrong_id"] if kind == "logit_diff" else None), desc
-
-
-def corrupted_tokens(ctx: AnalysisContext, model: Model, i: int, clean: list[int]) -> list[int] | None:
-    """Token ids of prompt ``i``'s ``corrupted`` text (None when it has none); a UserError when
-    its length differs from the clean prompt's."""
-    text = ctx.task(i).get("corrupted")
-    if text is None:
-        return None
-    ids = model.tokenize(str(text))
-    if len(ids) != len(clean):
-        raise UserError(f"prompt {i}: the corrupted prompt has {len(ids)} tokens and the clean one {len(clean)}; "
-                        f"{ctx.analysis.name} needs the same length (token by token: "
-                        f"{model.str_tokens(ids)} vs {model.str_tokens(clean)})")
-    return ids
-
-
-def components(model: Model) -> dict[str, bool]:
-    """Which per-layer outputs the model has (attention-only models have no MLP)."""
-    names = set(model.bridge.hook_dict)
-    return {"attn": "blocks.0.hook_attn_out" in names, "mlp": "blocks.0.hook_mlp_out" in names,
-            "z": "blocks.0.attn.hook_z" in names}
-
-
-def _choose(text: str, allowed: tuple[str, ...], have: dict[str, bool], needs: dict[str, str]) -> list[str]:
-    chosen = list(allowed) if text == "all" else [text]
-    ok = [c for c in chosen if have.get(needs[c], True)]
-    if not ok:
-        raise UserError(f"this model has no {text} to intervene on (attention-only?)")
-    return ok
-
-
-# --- ablation -------------------------------------------------------------------------------------
-
-ABLATION_COMPONENTS = ("heads", "mlp", "layers", "positions")
-
-
-def head_rows(n_layers: int, n_heads: int) -> list[Row]:
-    """One row per head (layer-major): its ``hook_z`` at every position."""
-    return [(Edit(hook_names(layer)["z"], layer, head=k),) for layer in range(n_layers) for k in range(n_heads)]
-
-
-def position_rows(key: str, n_layers: int, n: int) -> list[Row]:
-    """One row per layer and position (layer-major) of the ``key`` hook (``resid``, ``attn``, ``mlp``)."""
-    return [(Edit(hook_names(layer)[key], layer, pos=p),) for layer in range(n_layers) for p in range(n)]
-
-
-def ablation_rows(component: str, n_layers: int, n_heads: int, n: int, has_mlp: bool) -> list[Row]:
-    if component == "heads":
-        return head_rows(n_layers, n_heads)
-    if component == "positions":
-        return position_rows("resid", n_layers, n)
-    rows: list[Row] = []
-    for layer in range(n_layers):
-        h = hook_names(layer)
-        if component == "mlp":
-            rows.append((Edit(h["mlp"], layer),))
-        else:  # layers
-            rows.append((Edit(h["attn"], layer),) + ((Edit(h["mlp"], layer),) if has_mlp else ()))
-    return rows
-
-
-def _reference_means(ctx: AnalysisContext, iv: Intervener, hooks: list[str]) -> dict[str, torch.Tensor]:
-    """Each hook's mean over the run's prompts' own tokens (not BOS, not a decoder's first
-    position): a vector per hook (per head for ``hook_z``)."""
-
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    for i in ctx.prompts:
-        start, end = content_span(ctx.run, i)
-        acts = iv.activations(hooks, input_tokens(ctx, i))
-        for h in hooks:
-            part = acts[h][start:end].double().sum(0)
-            sums[h] = sums[h] + part if h in sums else part
-        count += end - start
-    return {h: (v / count).float() for h, v in sums.items()}
-
-
-def compute_ablation(ctx: AnalysisContext) -> Result:
-    import torch
-
-    run, params = ctx.run, ctx.params
-    indices = parse_prompts(params["prompts"], ctx.prompts)
-    method = params["method"]
-    if method == "resample" and not any("corrupted" in ctx.task(i) for i in indices):
-        raise UserError("resample ablation takes each prompt's activations from its 'corrupted' text; "
-                        "none of these prompts has one")
-    model = ctx.model()
-    have = components(model)
-    chosen = _choose(params["component"], ABLATION_COMPONENTS, have,
-                     {"heads": "z", "mlp": "mlp", "layers": "attn", "positions": "resid"})
-    n_layers = len(model.bridge.blocks)
-    records: list[dict[str, Any]] = []
-    per_prompt: dict[str, list[np.ndarray]] = {c: [] for c in chosen}
-    skipped: list[dict[str, Any]] = []
-    means: dict[str, torch.Tensor] | None = None
-    hooks = [hook_names(layer)[k] for layer in range(n_layers) for k in ("z", "attn", "mlp", "resid")
-             if have.get(k, True)]
-    offset, t0, shared = 0, time.perf_counter(), True
-    for done, i in enumerate(indices):
-        tokens = input_tokens(ctx, i)
-        metric, desc = make_metric(ctx, model, i, tokens)
-        iv = Intervener(model, tokens, metric, keep=hooks if method == "zero" else ())
-        shared = shared and iv.shared_prefix
-        if method == "zero":
-            source = {h: torch.zeros_like(a) for h, a in iv.clean.items()}
-        elif method == "mean":
-            if means is None:
-                means = _reference_means(ctx, iv, hooks)
-            source = {h: means[h].expand(len(tokens), *means[h].shape) for h in hooks}
-        else:
-            corrupt = corrupted_tokens(ctx, model, i, tokens)
-            if corrupt is None:
-                skipped.append({"index": i, "reason": "no 'corrupted' text to resample from"})
-                continue
-            source = iv.activations(hooks, corrupt)
-        n_heads = int(source[hook_names(0)["z"]].shape[1])
-        rec: dict[str, Any] = {"index": i, "id": run.prompt_id(i), "n_tokens": len(tokens), "offset": offset,
-                               "baseline": iv.baseline, **desc}
-        for c in chosen:
-            rows = ablation_rows(c, n_layers, n_heads, len(tokens), have["mlp"])
-            values = iv.run(rows, source)
-            per_prompt[c].append(values.reshape(n_layers, -1).T if c == "positions" else
-                                 values.reshape(n_layers, n_heads) if c == "heads" else values)
-        offset += len(tokens)
-        records.append(rec)
-        ctx.progress(done + 1, len(indices))
-    if not records:
-        raise UserError("no prompt could be ablated: " + "; ".join(f"prompt {s['index']}: {s['reason']}" for s in skipped))
-    arrays = {c: np.concatenate(v) if c == "positions" else np.stack(v) for c, v in per_prompt.items()}
-    data = {"method": method, "components": chosen, "n_layers": n_layers,
-            "n_heads": int(arrays["heads"].shape[-1]) if "heads" in arrays else None,
-            "reference": f"mean over the own tokens of the run's {len(ctx.prompts)} prompts" if method == "mean" else None,
-            "shared_prefix": shared, "seconds": round(time.perf_counter() - t0, 3),
-            "prompts": records, "skipped": skipped}
-    return Result(data=data, arrays={k: v.astype(np.float64) for k, v in arrays.items()})
-
-
-def _top(values: np.ndarray, labels: list[str], k: int = 8) -> list[tuple[str, float]]:
-    order = np.argsort(-np.abs(values), kind="stable")[:k]
-    return [(labels[j], float(values[j])) for j in order]
-
-
-def render_ablation(result: Result) -> str:
-    d, a = result.data, result.arrays
-    lines = [f"{d['method']} ablation of {', '.join(d['components'])}; {len(d['prompts'])} prompts"
-             + ("" if d["shared_prefix"] else " (full forward passes: the blocks could not be replayed)")]
-    if d["reference"]:
-        lines.append(f"mean: {d['reference']}")
-    for n, rec in enumerate(d["prompts"]):
-        base = rec["baseline"]
-        lines += ["", f"prompt {rec['index']}: {rec['metric_name']} = {base:+.4f} unablated; largest changes:"]
-        L = d["n_layers"]
-        parts: list[tuple[str, float]] = []
-        if "heads" in a:
-            H = a["heads"].shape[-1]
-            parts += _top(a["heads"][n].ravel() - base, [f"L{layer}H{h}" for layer in range(L) for h in range(H)])
-        for c, tag in (("mlp", "MLP"), ("layers", "layer ")):
-            if c in a:
-                parts += _top(a[c][n] - base, [f"{tag}{layer}" for layer in range(L)], 4)
-        if "positions" in a:
-            block = a["positions"][rec["offset"] : rec["offset"] + rec["n_tokens"]]  # (pos, layers)
-            parts += _top(block.ravel() - base, [f"resid L{layer} pos {p}" for p in range(rec["n_tokens"])
-                                                 for layer in range(L)], 4)
-        parts.sort(key=lambda x: -abs(x[1]))
-        lines += [f"  {name:>18}  {change:+.4f}" for name, change in parts[:12]]
-    for s in d["skipped"]:
-        lines.append(f"skipped prompt {s['index']}: {s['reason']}")
-    return "\n".join(lines)
-
 
 # --- activation and attribution patching -----------------------------------------------------------
 
@@ -302,7 +104,7 @@ def compute_patching(ctx: AnalysisContext) -> Result:
         raise UserError("none of these prompts has a 'corrupted' text to patch from")
     model = ctx.model()
     have = components(model)
-    chosen = _choose(params["component"], PATCH_COMPONENTS, have,
+    chosen = choose_components(params["component"], PATCH_COMPONENTS, have,
                      {"resid": "resid", "attn": "attn", "mlp": "mlp", "heads": "z"})
     n_layers = len(model.bridge.blocks)
     records: list[dict[str, Any]] = []
@@ -386,10 +188,10 @@ def render_patching(result: Result) -> str:
 def residual_hook(label: str, n_layers: int) -> str:
     """The hook of residual row ``label``: ``embed`` enters block 0, ``L`` leaves block ``L``."""
     if label == "embed":
-        return "blocks.0.hook_resid_pre"
+        return resid_pre(0)
     if not label.isdigit() or int(label) >= n_layers:
         raise UserError(f"layer {label!r}: use embed or 0..{n_layers - 1}")
-    return f"blocks.{int(label)}.hook_resid_post"
+    return resid_post(int(label))
 
 
 def steering_vector(ctx: AnalysisContext, model: Model, n_layers: int) -> tuple[np.ndarray, str, dict[str, Any]]:
@@ -400,7 +202,7 @@ def steering_vector(ctx: AnalysisContext, model: Model, n_layers: int) -> tuple[
                         ".npy/.json file")
     rows = ["embed", *map(str, range(n_layers))]
     if spec.endswith((".npy", ".json")) or "/" in spec:
-        arr = _load_file(spec, int(model.bridge.cfg.d_model))
+        arr = load_direction_file(spec, int(model.bridge.cfg.d_model))
         if not label:
             raise UserError("steering with a file: give the layer with --param steering.layer=L")
         residual_hook(label, n_layers)
@@ -420,31 +222,18 @@ def steering_vector(ctx: AnalysisContext, model: Model, n_layers: int) -> tuple[
         source = {"kind": "direction", "name": spec, "source": d.source, "fitted_at": d.layer}
     if not np.linalg.norm(arr) > 0:
         raise UserError("the steering direction is all zeros")
-    return _unit(arr), label, source
+    return unit_vector(arr), label, source
 
 
 def generate(model: Model, tokens: list[int], n: int, hooks: list[tuple[str, Any]], settings: Any,
              seed: int) -> tuple[list[int], list[float]]:
     """``n`` tokens sampled after ``tokens`` with ``hooks`` active at every step (the whole
     sequence is rerun each step); the chosen tokens and their model probabilities."""
-    import torch
+    from workbench.capturing.sampling import generate as sample
 
-    from workbench.capturing.sampling import sampling_distribution
-
-    g = torch.Generator()
-    g.manual_seed(seed)
-    seq, probs = list(tokens), []
     eos = getattr(model.tokenizer, "eos_token_id", None)
-    with torch.inference_mode(), model.bridge.hooks(fwd_hooks=hooks):
-        for _ in range(n):
-            last = model.forward(torch.as_tensor([seq], device=model.device))[0, -1]
-            p = sampling_distribution(last, settings)
-            tok = int(torch.multinomial(p.cpu(), 1, generator=g))
-            probs.append(float(torch.softmax(last.double(), -1)[tok]))
-            seq.append(tok)
-            if tok == eos:
-                break
-    return seq[len(tokens):], probs
+    [seq], [stats] = sample(model, [tokens], n, settings, [seed], fwd_hooks=hooks, stop_token=eos)
+    return seq[len(tokens):], stats["model_prob"]
 
 
 def compute_steering(ctx: AnalysisContext) -> Result:

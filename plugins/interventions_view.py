@@ -20,26 +20,15 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from textual.binding import Binding, BindingType
-from workbench_plugins.directions_view import _diverging
-from workbench_plugins.lens_view import _bar, _PromptView, _short
+
+from workbench.kit import PromptView, abs_max, bar, diverging_cell, short
 
 if TYPE_CHECKING:
     from workbench.store.reader import Run
     from workbench.store.results import StoredResult
 
 
-def _cell(value: float, scale: float, fmt: str = "{:+.2f}") -> Text:
-    if not np.isfinite(value):
-        return Text("  nan", style="dim")
-    return Text(fmt.format(value), style=_diverging(value / scale if scale else 0.0))
-
-
-def _scale(values: np.ndarray) -> float:
-    finite = np.abs(values[np.isfinite(values)])
-    return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-
-
-class _InterventionView(_PromptView):
+class _InterventionView(PromptView):
     """A view of one prompt's part of an intervention result: ``self.row[index]`` is the prompt's
     row in the result's per-prompt arrays."""
 
@@ -60,9 +49,9 @@ class _InterventionView(_PromptView):
         table.add_column("layer", justify="right")
         for p in cols:
             style = "reverse" if p == pos else ("bold yellow" if p in marked else "")
-            table.add_column(Text(_short(strs[p], 7), style=style), justify="right")
+            table.add_column(Text(short(strs[p], 7), style=style), justify="right")
         for layer in reversed(range(block.shape[1])):
-            table.add_row(str(layer), *[_cell(float(block[p, layer]), scale) for p in cols])
+            table.add_row(str(layer), *[diverging_cell(float(block[p, layer]), scale) for p in cols])
         return table
 
 
@@ -91,11 +80,11 @@ class AblationView(_InterventionView):
         if self.positions:
             block = a["positions"][rec["offset"] : rec["offset"] + rec["n_tokens"]] - base
             sub = Text("residual stream at each layer's entry ablated at one position", style="dim")
-            return Group(title, sub, self.position_table(block, _scale(block), rec, set()))
+            return Group(title, sub, self.position_table(block, abs_max(block), rec, set()))
         L = d["n_layers"]
         heads = a["heads"][n] - base if "heads" in a else np.zeros((L, 0))
         extra = {c: a[c][n] - base for c in ("mlp", "layers") if c in a}
-        scale = _scale(np.concatenate([heads.ravel(), *[v.ravel() for v in extra.values()]]))
+        scale = abs_max(np.concatenate([heads.ravel(), *[v.ravel() for v in extra.values()]]))
         table = Table(box=None, pad_edge=False, header_style="bold")
         table.add_column("layer", justify="right")
         for h in range(heads.shape[1]):
@@ -103,8 +92,9 @@ class AblationView(_InterventionView):
         for c in extra:
             table.add_column("MLP" if c == "mlp" else "layer", justify="right")
         for layer in reversed(range(L)):
-            table.add_row(str(layer), *[_cell(float(heads[layer, h]), scale) for h in range(heads.shape[1])],
-                          *[_cell(float(v[layer]), scale) for v in extra.values()])
+            table.add_row(str(layer),
+                          *[diverging_cell(float(heads[layer, h]), scale) for h in range(heads.shape[1])],
+                          *[diverging_cell(float(v[layer]), scale) for v in extra.values()])
         sub = Text(f"±{scale:.2f} full colour (blue: the metric rises, red: it falls)", style="dim")
         return Group(title, sub, table)
 
@@ -151,7 +141,8 @@ class PatchingView(_InterventionView):
             for h in range(block.shape[1]):
                 table.add_column(f"H{h}", justify="right")
             for layer in reversed(range(block.shape[0])):
-                table.add_row(str(layer), *[_cell(float(block[layer, h]), 1.0) for h in range(block.shape[1])])
+                table.add_row(str(layer), *[diverging_cell(float(block[layer, h]), 1.0)
+                                            for h in range(block.shape[1])])
             return Group(title, sub, table)
         block = a[key][rec["offset"] : rec["offset"] + rec["n_tokens"]]
         return Group(title, sub, self.position_table(block, 1.0, rec, set(rec["changed_positions"])))
@@ -175,13 +166,13 @@ class SteeringView(_InterventionView):
         side.add_column("with", ratio=1)
         side.add_row(Text(rec["plain"]["text"]), Text(rec["steered"]["text"], style="bold"))
         proj = a["projection_generated"][n]  # (2, rows)
-        scale = _scale(proj)
+        scale = abs_max(proj)
         table = Table(box=None, pad_edge=False, header_style="bold")
         for col, just in (("layer", "right"), ("without", "right"), ("with", "right"), ("", "left")):
             table.add_column(col, justify=just)  # type: ignore[arg-type]
         for r, label in enumerate(d["rows"]):
             table.add_row(Text(label, style="reverse" if label == d["layer"] else ""),
-                          f"{proj[0, r]:+.2f}", f"{proj[1, r]:+.2f}", _bar(float(proj[1, r] - proj[0, r]), scale, 20))
+                          f"{proj[0, r]:+.2f}", f"{proj[1, r]:+.2f}", bar(float(proj[1, r] - proj[0, r]), scale, 20))
         sub = Text("projection of the residual stream onto the unit direction, mean over the generated tokens "
                    "(bar: with − without)", style="dim")
         return Group(title, side, sub, table)

@@ -1,10 +1,10 @@
-"""How a prediction forms: ``logit-lens``, ``dla`` (direct logit attribution), ``neurons`` and
-``distribution`` (softmax, temperature, sampling).
+"""How a prediction forms: ``logit-lens``, ``dla`` (direct logit attribution) and ``neurons``.
 
 - ``logit-lens``: the model's own final norm and unembedding applied to the residual stream after
   the embeddings and after every layer, at every position: top-k tokens with probabilities, the
   target token's rank and probability (default target: the actual next token; at the last
-  position the prompt's ``answer``), and ``KL(final || layer)``.
+  position the prompt's ``answer``), and ``KL(final || layer)``. Reads the residual stream only:
+  the final norm's scale is recomputed from each row by the model's own final-norm module.
 - ``dla``: at a position, ``logit[target]`` (or ``logit[answer] - logit[wrong]``) split exactly
   into the terms of the embeddings, every attention head (plus each layer's output bias) and every
   MLP layer, with that forward pass's final-norm scale (and Gemma's per-sublayer post-norm
@@ -12,23 +12,28 @@
 - ``neurons``: the MLP neurons with the largest activation x direct effect on that metric; for
   chosen neurons, their top-activating tokens across the run and the tokens their output weights
   promote and suppress.
-- ``distribution``: the next-token logits at a position through softmax at several temperatures:
-  entropy, top-k, top-k mass, the nucleus (top-p) size, seeded samples.
 
+The plugin also registers ``distribution`` (softmax, temperature, sampling: ``distribution.py``).
 Weights come from the model reloaded by the run's provenance; activations from the run (capture
-with ``--for logit-lens`` etc.: preset ``lens``). The decomposition is in ``readout.py``.
+with ``--for logit-lens``: the residual stream; ``--for dla``: preset ``lens``). The decomposition
+is in ``readout.py``.
 
 Registered through the ``workbench`` entry-point group like any third-party plugin.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from workbench_plugins.answer import first_token
+from workbench_plugins.distribution import (  # noqa: F401  (re-exported: the names lived here)
+    DISTRIBUTION,
+    distribution_at,
+    parse_temperatures,
+    sample_ids,
+)
 from workbench_plugins.readout import (
     Readout,
     attribute,
@@ -36,6 +41,7 @@ from workbench_plugins.readout import (
     neuron_terms,
     promoted_tokens,
     residual_rows,
+    token_position,
 )
 
 from workbench import hookimpl
@@ -49,12 +55,6 @@ if TYPE_CHECKING:
 
 
 # --- targets ------------------------------------------------------------------------------------
-
-
-def _position(run: Run, i: int, position: int) -> int | None:
-    n = run.n_tokens(i)
-    pos = position if position >= 0 else n + position
-    return pos if 0 <= pos < n else None
 
 
 def resolve_target(ctx: AnalysisContext, model: Model, i: int, pos: int) -> dict[str, Any]:
@@ -99,15 +99,18 @@ def _metric_name(t: dict[str, Any]) -> str:
 
 # --- logit lens ---------------------------------------------------------------------------------
 
+RESID_POST = "blocks.*.hook_resid_post"
+EMBED_ROW = "blocks.0.hook_resid_pre"
+
 
 def _check_attributable(ctx: AnalysisContext) -> None:
     """Before reloading the model: some prompt has the ``position`` parameter's token, and the
     run's residual stream is a sum of its writers (:func:`check_pre_norm`, on that prompt)."""
     run, position = ctx.run, ctx.params["position"]
-    first = next((i for i in ctx.prompts if _position(run, i, position) is not None), None)
+    first = next((i for i in ctx.prompts if token_position(run, i, position) is not None), None)
     if first is None:
         raise UserError(f"position {position} is outside every prompt")
-    check_pre_norm(run, first, _position(run, first, position))  # type: ignore[arg-type]
+    check_pre_norm(run, first, token_position(run, first, position))  # type: ignore[arg-type]
 
 
 def lens_compute(ctx: AnalysisContext) -> Result:
@@ -219,7 +222,9 @@ LOGIT_LENS = Analysis(
     description="final norm + unembedding applied after every layer: top tokens, the target's rank, KL to the output",
     version="1",
     compute=lens_compute,
-    needs=("lens",),
+    # the residual stream only: each row's final-norm scale is recomputed from the row itself
+    needs=(RESID_POST,),
+    optional=(EMBED_ROW,),  # the "embed" row, where the run holds it
     needs_model=True,
     families=("decoder",),
     params=(Param("top", int, 5, "top tokens kept per layer and position", min=1, max=100),
@@ -246,7 +251,7 @@ def dla_compute(ctx: AnalysisContext) -> Result:
               "actual": np.full(P, np.nan), "total": np.full(P, np.nan)}
     records: list[dict[str, Any]] = []
     for done, i in enumerate(ctx.prompts):
-        pos = _position(run, i, ctx.params["position"])
+        pos = token_position(run, i, ctx.params["position"])
         if pos is None:
             records.append({"index": i, "id": run.prompt_id(i), "skipped": f"has {run.n_tokens(i)} tokens"})
             continue
@@ -351,7 +356,7 @@ def neurons_compute(ctx: AnalysisContext) -> Result:
     terms_all = np.full((P, ro.n_layers, d_mlp), np.nan, np.float32)
     records: list[dict[str, Any]] = []
     for done, i in enumerate(ctx.prompts):
-        pos = _position(run, i, params["position"])
+        pos = token_position(run, i, params["position"])
         if pos is None:
             records.append({"index": i, "id": run.prompt_id(i), "skipped": f"has {run.n_tokens(i)} tokens"})
             continue
@@ -443,123 +448,6 @@ NEURONS = Analysis(
             Param("detail", int, 3, "how many of the first prompt's top neurons to describe", min=0),
             Param("examples", int, 10, "top-activating tokens and promoted tokens per neuron", min=1)),
     render_text=neurons_text,
-)
-
-
-# --- next-token distribution --------------------------------------------------------------------
-
-
-def parse_temperatures(text: str) -> list[float]:
-    try:
-        temps = [float(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise UserError(f"temperatures {text!r}: give numbers separated by commas, e.g. 0,0.7,1,1.5") from None
-    if not temps or any(not (t >= 0 and math.isfinite(t)) for t in temps):
-        raise UserError(f"temperatures {text!r}: each must be a finite number >= 0 (0 = greedy)")
-    return temps
-
-
-def distribution_at(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> dict[str, Any]:
-    """Softmax of ``logits / temperature`` (float64): entropy, top-k tokens and mass, nucleus size
-    and mass. Uses the same function as ``capture --generate``'s sampler."""
-    import torch
-
-    from workbench.capturing.sampling import SamplingSettings, entropy, sampling_distribution
-
-    p = sampling_distribution(torch.as_tensor(logits), SamplingSettings(temperature=temperature))
-    top = torch.topk(p, min(top_k, int((p > 0).sum())))
-    sorted_p = torch.sort(p, descending=True).values
-    nucleus = int(torch.searchsorted(torch.cumsum(sorted_p, 0), torch.tensor(top_p, dtype=p.dtype)).item()) + 1
-    nucleus = min(nucleus, p.numel())
-    return {"probs": p, "entropy": entropy(p) + 0.0, "top_ids": top.indices.tolist(), "top_probs": top.values.tolist(),
-            "top_k_mass": float(top.values.sum()), "nucleus_size": nucleus,
-            "nucleus_mass": float(sorted_p[:nucleus].sum())}
-
-
-def sample_ids(probs: Any, n: int, seed: int, i: int, t_index: int) -> list[int]:
-    """``n`` tokens drawn with replacement, from a generator seeded by (seed, prompt, temperature):
-    the same call gives the same tokens."""
-    import torch
-
-    if n == 0:
-        return []
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + i * 1_009 + t_index) % (2**63 - 1))
-    return [int(x) for x in torch.multinomial(probs, n, replacement=True, generator=g)]
-
-
-def distribution_compute(ctx: AnalysisContext) -> Result:
-    import torch
-
-    run, params = ctx.run, ctx.params
-    temps = parse_temperatures(params["temperatures"])
-    model = ctx.model()
-    rows: list[np.ndarray | None] = []
-    records: list[dict[str, Any]] = []
-    for done, i in enumerate(ctx.prompts):
-        pos = _position(run, i, params["position"])
-        if pos is None:
-            records.append({"index": i, "id": run.prompt_id(i), "skipped": f"has {run.n_tokens(i)} tokens"})
-            rows.append(None)
-            continue
-        tokens = torch.as_tensor(run.tokens(i)[: pos + 1], dtype=torch.long, device=model.device)[None]
-        with torch.inference_mode():
-            logits = model.forward(tokens)[0, -1].double().cpu()
-        rows.append(logits.float().numpy())
-        per_t = []
-        for ti, temp in enumerate(temps):
-            dist = distribution_at(logits.numpy(), temp, params["top_k"], params["top_p"])
-            samples = sample_ids(dist.pop("probs"), params["samples"], params["seed"], i, ti)
-            per_t.append({"temperature": temp, **{k: v for k, v in dist.items()},
-                          "top_tokens": model.str_tokens(dist["top_ids"]),
-                          "samples": samples, "sample_tokens": model.str_tokens(samples)})
-        records.append({"index": i, "id": run.prompt_id(i), "position": pos, "token": run.str_tokens(i)[pos],
-                        "temperatures": per_t})
-        ctx.progress(done + 1, len(ctx.prompts))
-    width = next((len(r) for r in rows if r is not None), 0)
-    table = np.full((len(rows), width), np.nan, np.float32)
-    for i, r in enumerate(rows):
-        if r is not None:
-            table[i] = r
-    data = {"position": params["position"], "temperatures": temps, "top_k": params["top_k"],
-            "top_p": params["top_p"], "samples": params["samples"], "seed": params["seed"], "prompts": records}
-    return Result(data=data, arrays={"logits": table})
-
-
-def distribution_text(result: Result) -> str:
-    d = result.data
-    lines = []
-    for r in d["prompts"][:5]:
-        if "skipped" in r:
-            lines += [f"prompt {r['index']}: skipped ({r['skipped']})", ""]
-            continue
-        lines.append(f"prompt {r['index']}, after position {r['position']} {r['token']!r}:")
-        for t in r["temperatures"]:
-            tops = ", ".join(f"{s!r} {p:.1%}" for s, p in zip(t["top_tokens"][:5], t["top_probs"][:5]))
-            lines.append(f"  T={t['temperature']:<4g} entropy {t['entropy']:.3f} nats; top-{d['top_k']} mass "
-                         f"{t['top_k_mass']:.1%}; top-p {d['top_p']:g} takes {t['nucleus_size']} "
-                         f"token{'s' if t['nucleus_size'] != 1 else ''}; {tops}")
-            if t["sample_tokens"]:
-                lines.append(f"         samples (seed {d['seed']}): " + " ".join(repr(s) for s in t["sample_tokens"]))
-        lines.append("")
-    return "\n".join(lines).rstrip()
-
-
-DISTRIBUTION = Analysis(
-    name="distribution",
-    description="next-token softmax at several temperatures: entropy, top-k and top-p mass, seeded samples",
-    version="1",
-    compute=distribution_compute,
-    needs_model=True,
-    needs_lm_outputs=True,
-    families=("decoder",),
-    params=(Param("position", int, -1, "token position whose next-token distribution is shown"),
-            Param("temperatures", str, "0,0.5,1,2", "comma-separated temperatures (0 = greedy)"),
-            Param("top_k", int, 10, "tokens listed, and the top-k mass", min=1),
-            Param("top_p", float, 0.9, "nucleus mass: how many tokens it takes", min=0.0, max=1.0),
-            Param("samples", int, 10, "tokens sampled per temperature", min=0, max=100_000),
-            Param("seed", int, 0, "sampling seed")),
-    render_text=distribution_text,
 )
 
 

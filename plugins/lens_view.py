@@ -20,7 +20,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from textual.binding import Binding, BindingType
-from textual.widgets import Static
+
+from workbench.kit import PromptView, bar, shade, short
 
 if TYPE_CHECKING:
     from workbench.store.reader import Run
@@ -29,60 +30,7 @@ if TYPE_CHECKING:
 TEMPERATURES = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
 
 
-def _shade(p: float) -> str:
-    """A background from dark (0) to bright blue (1)."""
-    p = 0.0 if not np.isfinite(p) else min(max(p, 0.0), 1.0)
-    return f"on rgb({int(15 + 25 * p)},{int(25 + 95 * p)},{int(40 + 170 * p)})"
-
-
-def _short(s: str, n: int = 8) -> str:
-    r = repr(s)[1:-1]
-    return r if len(r) <= n else r[: n - 1] + "…"
-
-
-def _bar(value: float, scale: float, width: int = 28) -> Text:
-    n = round(abs(value) / scale * width) if scale > 0 else 0
-    return Text("█" * min(n, width), style="green" if value >= 0 else "red")
-
-
-class _PromptView(Static):
-    """A view of one stored result that shows the focused prompt's record."""
-
-    DEFAULT_CSS = "_PromptView { height: auto; }"
-    window = 10
-    """Positions shown by :meth:`columns`."""
-
-    def __init__(self, stored: StoredResult, run: Run) -> None:
-        super().__init__()
-        self.stored = stored
-        self.run = run
-        self.data = stored.data
-        self.by_index = {p["index"]: p for p in self.data["prompts"]}
-        self.prompt = self.data["prompts"][0]["index"] if self.data["prompts"] else 0
-        self.pos = 0
-
-    def on_mount(self) -> None:
-        self.update(self.draw())
-
-    def follow(self, run: Run, focus: Any) -> None:
-        self.run = run
-        if (focus.prompt, focus.pos) != (self.prompt, self.pos):
-            self.prompt, self.pos = focus.prompt, focus.pos
-            self.update(self.draw())
-
-    def record(self) -> dict[str, Any] | None:
-        return self.by_index.get(self.prompt)
-
-    def columns(self, n: int) -> range:
-        """The positions shown: a window of ``self.window`` around the focused token."""
-        start = min(max(0, self.pos - self.window // 2), max(0, n - self.window))
-        return range(start, min(n, start + self.window))
-
-    def draw(self) -> Any:
-        raise NotImplementedError
-
-
-class LensGridView(_PromptView):
+class LensGridView(PromptView):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("r", "toggle_rank", "top token / target rank")]
     can_focus = True
 
@@ -118,17 +66,17 @@ class LensGridView(_PromptView):
         table = Table(box=None, pad_edge=False, header_style="bold")
         table.add_column("layer", justify="right")
         for p in cols:
-            table.add_column(Text(_short(strs[p], 7), style="reverse" if p == pos else ""), justify="center")
+            table.add_column(Text(short(strs[p], 7), style="reverse" if p == pos else ""), justify="center")
         for r in reversed(range(len(labels))):
             cells: list[Any] = []
             for p in cols:
                 if self.show_rank:
                     rk = int(rank[p, r])
-                    cells.append(Text("-" if rk < 0 else str(rk), style=_shade(1.0 / rk) if rk > 0 else ""))
+                    cells.append(Text("-" if rk < 0 else str(rk), style=shade(1.0 / rk) if rk > 0 else ""))
                 else:
-                    cells.append(Text(_short(decode[int(top[p, r])], 7), style=_shade(float(probs[p, r]))))
+                    cells.append(Text(short(decode[int(top[p, r])], 7), style=shade(float(probs[p, r]))))
             table.add_row(labels[r], *cells)
-        target_row = [Text(_short(self.run.token_strings([int(t)])[0], 7) if t >= 0 else "-", style="italic")
+        target_row = [Text(short(self.run.token_strings([int(t)])[0], 7) if t >= 0 else "-", style="italic")
                       for t in (targets[p] for p in cols)]
         table.add_row(Text("target", style="italic"), *target_row)
         return Group(title, table, self.detail(off, pos, strs))
@@ -154,7 +102,7 @@ class LensGridView(_PromptView):
         return text
 
 
-class DLAView(_PromptView):
+class DLAView(PromptView):
     def draw(self) -> Any:
         rec = self.record()
         if rec is None or "skipped" in rec:
@@ -173,7 +121,7 @@ class DLAView(_PromptView):
         top.add_column(justify="right")
         top.add_column()
         for c in rec["top"]:
-            top.add_row(c["component"], f"{c['value']:+.3f}", _bar(c["value"], scale))
+            top.add_row(c["component"], f"{c['value']:+.3f}", bar(c["value"], scale))
         heads = a["heads"][i]
         attn = heads.sum(1) + np.nan_to_num(a["attn_bias"][i])
         mlp = a["mlp"][i]
@@ -183,13 +131,13 @@ class DLAView(_PromptView):
             layers.add_column(col, justify="right" if col in ("layer", "attention", "MLP") else "left")
         for layer in range(len(attn)):
             h = int(np.argmax(np.abs(heads[layer])))
-            layers.add_row(str(layer), f"{attn[layer]:+.2f}", _bar(float(attn[layer]), lscale, 14),
-                           f"{mlp[layer]:+.2f}", _bar(float(mlp[layer]), lscale, 14),
+            layers.add_row(str(layer), f"{attn[layer]:+.2f}", bar(float(attn[layer]), lscale, 14),
+                           f"{mlp[layer]:+.2f}", bar(float(mlp[layer]), lscale, 14),
                            f"H{h} {heads[layer, h]:+.2f}")
         return Group(head, top, Text(""), layers)
 
 
-class DistributionView(_PromptView):
+class DistributionView(PromptView):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("plus,equals_sign", "temperature(1)", "hotter"),
         Binding("minus", "temperature(-1)", "colder"),
@@ -251,7 +199,7 @@ class DistributionView(_PromptView):
         for col, just in (("token", "right"), ("logit", "right"), ("prob", "right"), ("", "left")):
             table.add_column(col, justify=just)  # type: ignore[arg-type]
         for w, t in zip(words, order[: self.shown]):
-            table.add_row(repr(w), f"{logits[t]:.2f}", f"{p[t]:.2%}", _bar(float(p[t]), 1.0, 30))
+            table.add_row(repr(w), f"{logits[t]:.2f}", f"{p[t]:.2%}", bar(float(p[t]), 1.0, 30))
         rng = np.random.default_rng([self.seed, self.prompt, self.t_index])
         samples = rng.choice(len(p), size=self.n_samples, p=p)
         sample_words = self.run.token_strings(samples.tolist())
@@ -259,7 +207,7 @@ class DistributionView(_PromptView):
         return Group(head, table, foot)
 
 
-class NeuronsView(_PromptView):
+class NeuronsView(PromptView):
     def draw(self) -> Any:
         rec = self.record()
         parts: list[Any] = []
@@ -275,7 +223,7 @@ class NeuronsView(_PromptView):
                 table.add_column(col, justify="right" if col else "left")
             for x in rec["top"] + rec["bottom"]:
                 table.add_row(x["neuron"], f"{x['activation']:.3f}", f"{x['effect']:.3f}", f"{x['term']:+.3f}",
-                              _bar(x["term"], scale, 20))
+                              bar(x["term"], scale, 20))
             parts.append(table)
         for nd in self.data["neurons"]:
             t = Text(f"\n{nd['neuron']}", style="bold")

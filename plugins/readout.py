@@ -31,6 +31,15 @@ if TYPE_CHECKING:
     from workbench.models.model import Model
     from workbench.store.reader import Run
 
+
+def token_position(run: Run, i: int, position: int) -> int | None:
+    """Prompt ``i``'s token index for a ``position`` parameter (negative: from the end), or
+    ``None`` when the prompt is too short."""
+    n = run.n_tokens(i)
+    pos = position if position >= 0 else n + position
+    return pos if 0 <= pos < n else None
+
+
 def layer_count(run: Run) -> int:
     """Blocks of the run's model (counted from the stored residual stream)."""
     n = 0

@@ -16,7 +16,8 @@ import torch
 
 import workbench
 from workbench import Analysis, Param, hookimpl
-from workbench.analysis import analyze, build_analyses, missing_inputs
+from workbench.analysis import missing_inputs
+from workbench.registries import analyze, build_analyses
 from workbench.errors import UserError
 from workbench.store.results import list_results, results_dir
 
@@ -83,7 +84,7 @@ def test_results_are_keyed_reused_and_forced(workbench_run):
     folder = results_dir(workbench_run)
     assert folder == workbench_run.final_path.with_name(workbench_run.final_path.name + ".results")
     assert sorted(p.name for p in folder.iterdir()) == sorted({first.stored.path.name, other.stored.path.name})
-    assert workbench_run.result("next-token", worst=2).data == other.stored.data
+    assert workbench.result(workbench_run, "next-token", worst=2).data == other.stored.data
     # the run file itself is untouched by analyses
     assert workbench_run.path.stat().st_mtime < first.stored.path.stat().st_mtime + 1
 
@@ -237,7 +238,7 @@ def test_analyze_works_while_the_capture_is_still_writing(tmp_path):
         proc.wait(timeout=300)
     assert proc.returncode == 0, proc.stderr
     final = workbench.open_run(out)
-    [old] = final.results()
+    [old] = workbench.results(final)
     assert old.meta["run_id"] == final.run_id and not old.current(final)  # covers fewer prompts
     [o] = analyze(final, [build_analyses().get("next-token")])
     assert o.status == "computed" and o.stored.data["n_prompts"] == 800
@@ -277,3 +278,44 @@ def test_cli_analyze_text_json_and_errors(workbench_make_run):
     assert proc.returncode == 2 and "no such run" in proc.stderr
     listing = _cli("analyze", "--list", "--json")
     assert {a["name"] for a in json.loads(listing.stdout)} >= {"next-token", "answer"}
+
+
+def test_analyze_list_states_exactly_what_each_analysis_reads():
+    from click.testing import CliRunner
+
+    from workbench.cli import cli
+    from workbench.hooknames import preset_patterns
+
+    listing = CliRunner().invoke(cli, ["analyze", "--list", "--json"], prog_name="workbench")
+    assert listing.exit_code == 0, listing.output
+    described = {a["name"]: a for a in json.loads(listing.output)}
+    for a in build_analyses():  # every analysis: presets expanded into their patterns
+        reads = described[a.name]["reads"]
+        assert reads["hooks"] == list(dict.fromkeys(p for n in a.needs for p in (preset_patterns(n) or (n,))))
+        assert reads["lm_outputs"] == a.needs_lm_outputs and reads["model"] == a.needs_model
+        assert reads["task"] == list(a.needs_task)
+    lens = described["logit-lens"]["reads"]
+    assert lens == {"hooks": ["blocks.*.hook_resid_post"], "optional_hooks": ["blocks.0.hook_resid_pre"],
+                    "presets": {}, "lm_outputs": False, "task": [], "model": True}
+    assert described["dla"]["reads"]["presets"] == {"lens": list(preset_patterns("lens"))}
+    assert described["next-token"]["reads"] == {"hooks": [], "optional_hooks": [], "presets": {},
+                                                "lm_outputs": True, "task": [], "model": False}
+    assert described["answer"]["reads"]["task"] == ["answer"]
+    assert described["distribution"]["reads"]["hooks"] == [] and not described["distribution"]["reads"]["lm_outputs"]
+
+    text = CliRunner().invoke(cli, ["analyze", "--list"], prog_name="workbench").output
+    by_name: dict[str, list[str]] = {}  # analysis -> its indented lines
+    for line in text.splitlines():
+        if not line.startswith(" "):
+            by_name[line.split(" ", 1)[0]] = []
+        else:
+            by_name[list(by_name)[-1]].append(line.strip())
+    assert by_name["logit-lens"][:4] == ["hooks:      blocks.*.hook_resid_post",
+                                         "if stored:  blocks.0.hook_resid_pre  (read where the run holds them; "
+                                         "--for captures them)",
+                                         "also reads: the model (reloaded by the run's provenance)",
+                                         "models:     decoder"]
+    assert by_name["dla"][0].startswith("hooks:      preset lens (" + ", ".join(preset_patterns("lens")) + ")")
+    assert "LM outputs" in by_name["next-token"][1] and "'answer' field" in by_name["answer"][1]
+    assert by_name["attends-to"][1] == "also reads: nothing else (the stored tokens)"
+    assert "named only" in by_name["direction"][2]

@@ -17,7 +17,7 @@ import pytest
 from workbench_plugins import attention as A
 
 from tests.widgets import plain
-from workbench.analysis import analyze, build_analyses
+from workbench.registries import analyze, build_analyses
 
 
 def _cli(*args):

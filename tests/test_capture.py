@@ -150,7 +150,7 @@ def test_loss_and_top_k_equal_an_independent_log_softmax(big_run, llama):
 
 @pytest.mark.parametrize("vocab, k", [(49152, 10), (50257, 10), (5000, 3), (3000, 10), (50257, 300)])
 def test_top_k_by_groups_equals_torch_topk(vocab, k):
-    from workbench.capturing.runner import _topk_by_groups
+    from workbench.capturing.forward import _topk_by_groups
 
     gen = torch.Generator().manual_seed(vocab + k)
     x = torch.randn(16, vocab, generator=gen) * 4
@@ -209,7 +209,7 @@ def test_reduced_dtypes_round_exactly_like_torch(tmp_path, llama, dtype, convert
 
 
 def test_float16_overflow_is_refused_not_stored(tmp_path, llama, monkeypatch):
-    from workbench.capturing import runner
+    from workbench.capturing import forward as runner
 
     real = runner._to_storage
 

@@ -121,7 +121,12 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
         assert run.prompt_ids == ref.prompt_ids  # no duplicates, no reordering
         assert_prompts_equal(run, ref, range(len(ref)))
         resumed = [r["at_prompt"] for r in run.settings["resumed"]]
-        assert resumed == sorted(resumed) and len(resumed) >= kills - 1
+        # Which resumes left a record depends on timing: a resume killed before its copy of the
+        # committed prompts replaced the killed file leaves none. What holds regardless: each
+        # record is where some kill left the run, in order, and the resume that finished the run
+        # started where the last kill left it.
+        assert resumed == sorted(resumed) and set(resumed) <= set(committed_seen)
+        assert resumed and resumed[-1] == committed_seen[-1]
     assert committed_seen == sorted(committed_seen)
 
 
@@ -200,7 +205,7 @@ def test_ctrl_c_commits_every_finished_batch_and_resume_completes_the_run(tmp_pa
     """Batches are committed together (here: the first at once, then not for an hour); Ctrl-C
     during the sixth batch still commits the five finished ones, with exact values, and --resume
     continues from there."""
-    from workbench.capturing import runner
+    from workbench.capturing import entry as runner
 
     prompts_file, ref = reference
     out = tmp_path / "run.h5"

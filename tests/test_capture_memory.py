@@ -10,7 +10,7 @@ import pytest
 SCRIPT = """
 import random, resource, sys
 import workbench
-import workbench.capturing.runner as runner
+import workbench.store.writer_thread as runner
 # The writer's queue may hold up to WRITE_BUDGET bytes (256 MB) when the forward pass outruns
 # the writer; a small bound here makes any other growth visible.
 runner.WRITE_BUDGET = 16 << 20
@@ -89,7 +89,7 @@ def test_capture_runs_its_forward_passes_with_freed_memory_kept(tmp_path, tiny_m
     import contextlib
 
     import workbench
-    from workbench.capturing import runner
+    from workbench.capturing import entry as runner
 
     entered = []
 

@@ -20,7 +20,7 @@ from workbench_plugins import directions as D
 
 import workbench
 from tests.widgets import plain
-from workbench.analysis import analyze, build_analyses
+from workbench.registries import analyze, build_analyses
 from workbench.store.synthetic import write_synthetic_run
 
 D_MODEL, N_LAYERS, PLANT_AT, N_PROMPTS = 64, 6, 3, 200

@@ -1,4 +1,4 @@
-"""``run.cache(i)``: TransformerLens analysis code runs on a stored run, without the model, and
+"""``workbench.activation_cache(run, i)``: TransformerLens analysis code runs on a stored run, without the model, and
 gives what it gives on TransformerLens' own cache."""
 
 from __future__ import annotations
@@ -28,20 +28,20 @@ def _reference(model, text):
 
 
 def test_cache_is_an_activation_cache_with_every_name(stored):
-    cache = stored.cache(0)
+    cache = workbench.activation_cache(stored, 0)
     assert isinstance(cache, ActivationCache)
     assert cache["blocks.1.hook_resid_post"].shape == (1, stored.n_tokens(0), 64)
     assert torch.equal(cache["resid_post", 1], cache["blocks.1.hook_resid_post"])  # TL short names
     assert torch.equal(cache["blocks.0.hook_out"], cache["blocks.0.hook_resid_post"])  # an alias
     assert cache["pattern", 0].shape == (1, 4, stored.n_tokens(0), stored.n_tokens(0))
-    no_batch = stored.cache(0, remove_batch_dim=True)
+    no_batch = workbench.activation_cache(stored, 0, remove_batch_dim=True)
     assert no_batch["resid_post", 1].shape == (stored.n_tokens(0), 64)
 
 
 def test_transformer_lens_analyses_match_the_live_cache(stored, tiny_models):
     model = tiny_models["tiny-gpt2"]
     for i, text in enumerate(TEXTS):
-        ours, ref = stored.cache(i), _reference(model, text)
+        ours, ref = workbench.activation_cache(stored, i), _reference(model, text)
         for name in ("blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern", "blocks.1.attn.hook_z",
                      "ln_final.hook_scale", "hook_embed", "hook_pos_embed", "blocks.0.mlp.hook_post"):
             torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-5)
@@ -59,7 +59,7 @@ def test_transformer_lens_analyses_match_the_live_cache(stored, tiny_models):
 
 def test_weight_based_helpers_with_the_model(stored, tiny_models):
     model = tiny_models["tiny-gpt2"]
-    ours = stored.cache(2, model=model)
+    ours = workbench.activation_cache(stored, 2, model=model)
     ref = _reference(model, TEXTS[2])
     torch.testing.assert_close(ours.stack_head_results(layer=-1), ref.stack_head_results(layer=-1),
                                rtol=1e-5, atol=1e-5)
@@ -74,7 +74,7 @@ def test_bfloat16_runs_give_float32_tensors(tmp_path, tiny_models):
     out = tmp_path / "bf16.h5"
     workbench.capture(tiny_models["tiny-gpt2"], TEXTS[:1], hooks=["residual"], out=out,
                       dtype="bfloat16", progress=False)
-    cache = workbench.open_run(out).cache(0)
+    cache = workbench.activation_cache(workbench.open_run(out), 0)
     assert cache["resid_post", 0].dtype == torch.float32
     ref = _reference(tiny_models["tiny-gpt2"], TEXTS[0])["blocks.0.hook_resid_post"]
     np.testing.assert_array_equal(cache["resid_post", 0].numpy(), ref.bfloat16().float().numpy())

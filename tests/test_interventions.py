@@ -23,7 +23,7 @@ from workbench_plugins.intervene import Edit, Intervener, Metric, hook_names
 
 import workbench
 from tests import widgets
-from workbench.analysis import analyze, build_analyses
+from workbench.registries import analyze, build_analyses
 
 
 def _cli(*args, cwd=None):

@@ -23,7 +23,8 @@ from workbench_plugins.readout import Readout, attribute, neuron_terms
 
 import workbench
 from tests.widgets import plain
-from workbench.analysis import analyze, build_analyses
+from workbench.analysis import missing_inputs
+from workbench.registries import analyze, build_analyses
 
 PROMPTS = [
     {"prompt": "The cat sat on the mat", "answer": "and", "wrong": "or"},  # byte tokens: 'a' vs 'o'
@@ -108,6 +109,74 @@ def test_logit_lens_equals_the_final_norm_and_unembedding_by_hand(gpt2_run):
     text = L.LOGIT_LENS.text(out.stored.result())
     answer = model.str_tokens([model.tokenizer("and")["input_ids"][0]])[0]
     assert "last position" in text and f"target {answer!r}" in text
+
+
+def _lens_on(model, hooks, out):
+    """Capture PROMPTS with ``hooks``, run the logit lens: (stored tensors, data, arrays)."""
+    from workbench.capturing.prompts import Prompt
+
+    items = [Prompt(text=p["prompt"], id=f"p{i}", metadata={k: v for k, v in p.items() if k != "prompt"})
+             for i, p in enumerate(PROMPTS)]
+    workbench.capture(model, items, hooks=hooks, out=out, progress=False)
+    with workbench.open_run(out) as run:
+        lens = build_analyses().get("logit-lens")
+        assert missing_inputs(run, lens) == []
+        [o] = analyze(run, [lens], {"logit-lens": {"top": 4}}, model=model)
+        assert o.ok, o.stored.error
+        return set(run.hooks), o.stored.data, {k: np.asarray(v) for k, v in o.stored.arrays.items()}
+
+
+def _assert_same_lens(a, b, rows=slice(None)):
+    """Equal lenses (``a`` restricted to ``rows``); returns the largest absolute difference."""
+    worst = 0.0
+    for name in ("top_probs", "target_prob", "kl"):
+        x, y = a[name][:, rows], b[name]
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
+        worst = max(worst, float(np.nanmax(np.abs(x.astype(np.float64) - y))))
+    for name in ("top_ids", "target_rank"):
+        assert (a[name][:, rows] == b[name]).all(), name
+    assert (a["target_ids"] == b["target_ids"]).all() and (a["offsets"] == b["offsets"]).all()
+    return worst
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_logit_lens_reads_the_residual_stream_alone(tiny_models, tmp_path, name):
+    """The same lens from a ``lens`` run, a ``residual`` run and a run of only
+    ``blocks.*.hook_resid_post`` (without the embedding row): each row's final-norm scale comes
+    from the row itself, not from a stored ``ln_final.hook_scale``."""
+    model = tiny_models[name]
+    _, d_lens, lens = _lens_on(model, ["lens"], tmp_path / "lens.h5")
+    _, d_res, res = _lens_on(model, ["residual"], tmp_path / "residual.h5")
+    stored, d_post, post = _lens_on(model, ["blocks.*.hook_resid_post"], tmp_path / "post.h5")
+    assert stored == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post"}
+    assert d_lens["layers"] == d_res["layers"] == ["embed", "0", "1"] and d_post["layers"] == ["0", "1"]
+    assert _assert_same_lens(lens, res) < 1e-5
+    assert _assert_same_lens(lens, post, slice(1, None)) < 1e-5
+    assert d_lens["max_kl_to_model"] < 1e-6 and d_post["max_kl_to_model"] < 1e-6
+
+
+def test_capture_for_logit_lens_captures_the_residual_stream_only(tmp_path):
+    from workbench.cli import main
+
+    out = tmp_path / "for.h5"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["capture", "-m", "tiny-llama", "-p", "abc abc", "--for", "logit-lens", "-o", str(out)])
+    assert exit_info.value.code == 0
+    with workbench.open_run(out) as run:
+        assert sorted(run.hooks) == ["blocks.0.hook_resid_post", "blocks.0.hook_resid_pre",
+                                     "blocks.1.hook_resid_post"]  # stored tensors (their aliases aside)
+        assert missing_inputs(run, build_analyses().get("logit-lens")) == []
+        assert missing_inputs(run, build_analyses().get("dla"))  # attribution needs more
+
+
+@pytest.mark.integration
+def test_gemma3_logit_lens_from_the_residual_stream_equals_the_lens_run(gemma3, tmp_path):
+    """Gemma's post-norms (sandwich norms) sit inside the blocks: the lens is still the final norm
+    of the residual stream, recomputed from it; the same numbers as from a ``lens`` run."""
+    _, d_lens, lens = _lens_on(gemma3, ["lens"], tmp_path / "lens.h5")
+    _, d_post, post = _lens_on(gemma3, ["blocks.*.hook_resid_post"], tmp_path / "post.h5")
+    assert _assert_same_lens(lens, post, slice(1, None)) < 1e-5
+    assert d_lens["max_kl_to_model"] < 1e-5 and d_post["max_kl_to_model"] < 1e-5
 
 
 # --- direct logit attribution ------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from workbench import Analysis, hookimpl, hookspecs
-from workbench.analysis import build_analyses
+from workbench.registries import build_analyses
 from workbench.errors import UserError
 from workbench.plugins import HOOK_NAMES, make_plugin_manager, plugin_manager, report_of
 
@@ -42,6 +42,27 @@ def test_every_hookspec_is_typed_and_documented():
         assert re.search(rf"^### `{name}\({args}\)`", docs, re.MULTILINE), f"docs/writing-plugins.md lacks ### `{name}({args})`"
 
 
+
+def test_every_public_name_of_the_view_kit_is_documented():
+    import workbench.kit as kit
+
+    docs = (REPO / "docs" / "writing-plugins.md").read_text()
+    assert "\n## The view kit\n" in docs, "docs/writing-plugins.md lacks the section '## The view kit'"
+    section = docs.split("\n## The view kit\n", 1)[1].split("\n## ", 1)[0]
+    assert len(set(kit.__all__)) == len(kit.__all__)
+    for name in kit.__all__:
+        assert getattr(kit, name) is not None
+        assert re.search(rf"^- `{re.escape(name)}\b", section, re.MULTILINE), \
+            f"docs/writing-plugins.md, 'The view kit', lacks an item - `{name}...`"
+
+
+def test_importing_the_view_kit_loads_neither_torch_nor_textual():
+    code = ("import sys, workbench.kit\n"
+            "print(sorted(m for m in ('torch', 'textual', 'workbench.tui') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
 def test_our_plugins_load_through_entry_points_like_anyone_elses():
     report = report_of(plugin_manager())
     build_analyses()
@@ -65,7 +86,7 @@ def test_plugins_json_lists_everything_without_importing_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY []" in proc.stderr
     plugins = {p["name"]: p for p in json.loads(proc.stdout)}
-    assert plugins["workbench.models.builtin"]["source"] == "core"
+    assert plugins["workbench.builtin_models"]["source"] == "core"
     assert plugins["tiny_models"]["models"] == ["tiny-gpt2", "tiny-llama", "tiny-bert", "tiny-t5"]
     assert plugins["next_token"]["hooks"] == ["register_analyses"]
     assert plugins["answer"]["analyses"] == ["answer"]
@@ -168,7 +189,7 @@ def test_plugins_dir_loads_loose_files_and_the_env_var_restricts(tmp_path):
     # the same through the environment, restricted to one plugin
     proc = _cli("plugins", "--json", env={"WORKBENCH_PLUGINS_DIR": str(tmp_path), "WORKBENCH_PLUGINS": "loose_one"})
     names = [p["name"] for p in json.loads(proc.stdout)]
-    assert names == ["workbench.models.builtin", "loose_one"]  # the restriction applies to files too
+    assert names == ["workbench.builtin_models", "loose_one"]  # the restriction applies to files too
     proc = _cli("plugins", env={"WORKBENCH_PLUGINS_DIR": str(tmp_path), "WORKBENCH_STRICT_PLUGINS": "1"})
     assert proc.returncode != 0 and "a plugin named 'answer' already exists" in proc.stderr
 

@@ -8,7 +8,9 @@ import pytest
 
 from workbench import hookimpl
 from workbench.errors import ModelNotFound, ModelUnavailable, UserError
-from workbench.models import ModelSource, build_registry, load_model
+from workbench.models import ModelSource
+from workbench.models.sources import resolve
+from workbench.registries import build_registry, load_model
 from workbench.models.registry import LoadedParts, Provenance
 from workbench.plugins import make_plugin_manager
 
@@ -24,7 +26,7 @@ def test_builtin_and_entry_point_sources_are_registered():
     registry = build_registry()
     by_name = {s.name: s for s in registry}
     for name in ("smollm2-135m", "gemma3-270m", "minilm-l6"):
-        assert by_name[name].plugin == "workbench.models.builtin"
+        assert by_name[name].plugin == "workbench.builtin_models"
     # Our tiny models come through the entry-point group, like any third-party plugin.
     for name in ("tiny-gpt2", "tiny-llama", "tiny-bert", "tiny-t5"):
         assert by_name[name].plugin == "tiny_models"
@@ -33,32 +35,32 @@ def test_builtin_and_entry_point_sources_are_registered():
 
 def test_aliases_resolve():
     registry = build_registry()
-    assert registry.resolve("smollm2").name == "smollm2-135m"
-    assert registry.resolve("default").name == "smollm2-135m"
+    assert resolve("smollm2", registry).name == "smollm2-135m"
+    assert resolve("default", registry).name == "smollm2-135m"
 
 
 def test_unknown_name_suggests_close_matches():
     registry = build_registry()
     with pytest.raises(ModelNotFound, match="did you mean smollm2-135m"):
-        registry.resolve("smollm2-135")
+        resolve("smollm2-135", registry)
     with pytest.raises(ModelNotFound, match="unknown model 'qwerty'"):
-        registry.resolve("qwerty")
+        resolve("qwerty", registry)
 
 
 def test_paths_resolve_to_file_and_folder_sources(tmp_path: Path):
     registry = build_registry()
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    assert registry.resolve(str(gguf)).origin == "local GGUF file"
-    assert registry.resolve(str(tmp_path)).origin == "local folder"
+    assert resolve(str(gguf), registry).origin == "local GGUF file"
+    assert resolve(str(tmp_path), registry).origin == "local folder"
     with pytest.raises(UserError, match="no such file"):
-        registry.resolve(str(tmp_path / "missing.gguf"))
+        resolve(str(tmp_path / "missing.gguf"), registry)
     other = tmp_path / "notes.txt"
     other.write_text("x")
     with pytest.raises(UserError, match="is not a model"):
-        registry.resolve(str(other))
-    assert registry.resolve("some-org/some-model").origin.startswith("Hugging Face")
-    assert registry.resolve("hf:gpt2").name == "gpt2"
+        resolve(str(other), registry)
+    assert resolve("some-org/some-model", registry).origin.startswith("Hugging Face")
+    assert resolve("hf:gpt2", registry).name == "gpt2"
 
 
 def test_folder_without_config_is_a_user_error(tmp_path: Path):
@@ -85,7 +87,7 @@ class _Plugin:
 def test_duplicate_names_are_rejected_naming_both_plugins():
     pm = make_plugin_manager(load_entry_points=False)
     pm.register(_Plugin(_dummy_source("smollm2-135m")), name="copycat")
-    with pytest.raises(UserError, match="workbench.models.builtin.*copycat|copycat.*workbench.models.builtin"):
+    with pytest.raises(UserError, match="workbench.builtin_models.*copycat|copycat.*workbench.builtin_models"):
         build_registry(pm)
 
 

@@ -12,7 +12,7 @@ import pytest
 from workbench.store import schema as S
 from workbench.store.reader import open_run
 from workbench.store.synthetic import write_synthetic_run
-from workbench.store.writer import _ChunkAppender
+from workbench.store.chunks import ChunkAppender as _ChunkAppender
 
 
 def _dataset(f: h5py.File, name: str, feature: tuple[int, ...], chunk_rows: int, dtype: str):

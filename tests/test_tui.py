@@ -357,11 +357,11 @@ def test_analysis_runs_in_the_background_and_its_view_appears(synthetic, workben
     assert label.startswith("slow-count: ")
     assert view == "results"
     assert shown == f"{expected_tokens} tokens in 6 prompts"
-    assert run.result("slow-count").data["tokens"] == expected_tokens
+    assert workbench.result(run, "slow-count").data["tokens"] == expected_tokens
 
 
 def test_results_without_a_view_use_the_generic_view(synthetic):
-    from workbench.analysis import analyze, build_analyses
+    from workbench.registries import analyze, build_analyses
 
     with workbench.open_run(synthetic) as run:
         (outcome,) = analyze(run, [build_analyses().get("next-token")])

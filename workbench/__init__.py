@@ -14,12 +14,15 @@ from typing import TYPE_CHECKING, Any
 from workbench.errors import UserError
 from workbench.hookspecs import hookimpl
 
-__version__ = "0.1.0"
+from workbench.version import __version__
 
 if TYPE_CHECKING:
-    from workbench.analysis import Analysis, AnalysisContext, Param, Result
+    from workbench.analysis import Analysis, AnalysisContext, Param
+    from workbench.interop import activation_cache
+    from workbench.store.results import Result, StoredResult, result, results
     from workbench.capturing import Prompt, capture
-    from workbench.models import DEFAULT_MODEL, ModelSource, Provenance, load_model
+    from workbench.models import DEFAULT_MODEL, ModelSource, Provenance
+    from workbench.registries import analyze, load_model
     from workbench.models.model import Model, ModelInfo, Prediction
     from workbench.store import Run, open_run
     from workbench.views import View
@@ -39,20 +42,30 @@ __all__ = [
     "Run",
     "UserError",
     "View",
+    "StoredResult",
     "__version__",
+    "activation_cache",
+    "analyze",
     "capture",
     "hookimpl",
     "load_model",
     "open_run",
+    "result",
+    "results",
 ]
 
 _LAZY = {
     "Analysis": "workbench.analysis",
     "AnalysisContext": "workbench.analysis",
     "Param": "workbench.analysis",
-    "Result": "workbench.analysis",
+    "Result": "workbench.store.results",
+    "StoredResult": "workbench.store.results",
+    "results": "workbench.store.results",
+    "result": "workbench.store.results",
+    "activation_cache": "workbench.interop",
     "View": "workbench.views",
-    "load_model": "workbench.models",
+    "load_model": "workbench.registries",
+    "analyze": "workbench.registries",
     "DEFAULT_MODEL": "workbench.models",
     "ModelSource": "workbench.models",
     "Provenance": "workbench.models",

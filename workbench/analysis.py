@@ -22,14 +22,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pluggy
 
-from workbench.errors import UserError
+from workbench.errors import UserError, strict_plugins
+from workbench.hooknames import glob_to_regex, preset_patterns
+from workbench.store.results import Result
 
 if TYPE_CHECKING:
+    from workbench.models import ModelRegistry
     from workbench.models.model import Model
     from workbench.store.reader import Run
     from workbench.store.results import StoredResult
+
+__all__ = ["Analysis", "AnalysisContext", "AnalysisRegistry", "Outcome", "Param", "Result",
+           "analyze", "capture_hooks_for", "missing_inputs", "reload_model"]
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 PARAM_TYPES: tuple[type, ...] = (int, float, str, bool)
@@ -92,15 +97,6 @@ class Param:
 
 
 @dataclass
-class Result:
-    """What an analysis returns: JSON-able ``data`` and named numpy ``arrays`` (stored as HDF5
-    datasets; in JSON output as nested lists)."""
-
-    data: dict[str, Any] = field(default_factory=dict)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-@dataclass
 class Analysis:
     """An analysis, as a plugin registers it.
 
@@ -118,8 +114,13 @@ class Analysis:
     """Bump it when the result for the same input changes: stored results are keyed by it."""
     compute: Callable[[AnalysisContext], Result | dict[str, Any]]
     needs: tuple[str, ...] = ()
-    """Hook names, globs or presets the analysis reads from the run (``capture --for`` captures
-    exactly these)."""
+    """Hook names, globs or presets the analysis reads from the run: a run lacking one is refused.
+    Declare the least it reads (``capture --for`` captures these and :attr:`optional`)."""
+    optional: tuple[str, ...] = ()
+    """Hook names, globs or presets it also reads where the run holds them (the logit lens's
+    embedding row): ``capture --for`` captures them, and a run without them is still analysed.
+    Each must exist on every model of :attr:`families` (``capture`` refuses a name that matches
+    nothing), or be a preset."""
     needs_lm_outputs: bool = False
     """It reads the stored per-token loss and top-k predictions (runs of models with an LM head)."""
     needs_task: tuple[str, ...] = ()
@@ -175,11 +176,24 @@ class Analysis:
             return self.to_json(result)
         return default_json(result)
 
+    def reads(self) -> dict[str, Any]:
+        """Exactly what the analysis reads: ``hooks`` (the patterns of :attr:`needs`, presets
+        expanded), ``optional_hooks`` (of :attr:`optional`), ``presets`` (each named preset's
+        patterns: a pattern the model lacks is skipped), ``lm_outputs``, ``task`` (fields at
+        least one prompt must have) and ``model`` (reloaded by the run's provenance)."""
+        def expand(items: tuple[str, ...]) -> list[str]:
+            return list(dict.fromkeys(p for item in items for p in (preset_patterns(item) or (item,))))
+
+        return {"hooks": expand(self.needs), "optional_hooks": expand(self.optional),
+                "presets": {n: list(preset_patterns(n) or ()) for n in (*self.needs, *self.optional)
+                            if preset_patterns(n) is not None},
+                "lm_outputs": self.needs_lm_outputs, "task": list(self.needs_task), "model": self.needs_model}
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "description": self.description,
-                "plugin": self.plugin, "needs": list(self.needs),
+                "plugin": self.plugin, "needs": list(self.needs), "optional": list(self.optional),
                 "needs_lm_outputs": self.needs_lm_outputs, "needs_task": list(self.needs_task),
-                "needs_model": self.needs_model, "auto": self.auto,
+                "needs_model": self.needs_model, "reads": self.reads(), "auto": self.auto,
                 "families": list(self.families), "params": [p.to_dict() for p in self.params]}
 
 
@@ -225,34 +239,20 @@ class AnalysisRegistry:
         return self._by_name[name]
 
 
-def build_analyses(pm: pluggy.PluginManager | None = None) -> AnalysisRegistry:
-    """Collect every plugin's ``register_analyses``. A plugin that raises is reported and skipped;
-    two analyses with one name are both rejected, with an error naming both plugins."""
-    from workbench.plugins import collect_unique, plugin_manager
-
-    registry = AnalysisRegistry()
-    registry._by_name = collect_unique(pm or plugin_manager(), "register_analyses", Analysis,
-                                       "analysis", "analyses")
-    return registry
-
-
 # --- what a run holds ---------------------------------------------------------------------------
 
 
 def _need_patterns(need: str) -> tuple[bool, tuple[str, ...]]:
-    from workbench.capturing.hooks import PRESETS
-
-    if need in PRESETS:
-        return True, PRESETS[need][1]
+    patterns = preset_patterns(need)
+    if patterns is not None:
+        return True, patterns
     return False, (need,)
 
 
 def missing_inputs(run: Run, analysis: Analysis) -> list[str]:
     """What ``analysis`` needs that ``run`` lacks, one phrase each (empty: it can run)."""
-    from workbench.capturing.hooks import glob_to_regex
-
     missing = []
-    family = run.settings.get("family") or run.model_info.get("family")
+    family = run.family
     if family not in analysis.families:
         missing.append(f"a {' or '.join(analysis.families)} model (this run's is {family})")
     if analysis.needs_lm_outputs and not run.has_lm_outputs:
@@ -260,11 +260,11 @@ def missing_inputs(run: Run, analysis: Analysis) -> list[str]:
     for key in analysis.needs_task:
         if not any(key in run.metadata(i) for i in range(len(run))):
             missing.append(f"prompts with a {key!r} field (JSONL)")
-    settings = run.settings
+    settings = run.capture_settings
     stored = set(run.hooks) | set(run.aliases)
-    model_hooks = settings.get("model_hooks")
-    skip = set(settings.get("unstorable_hooks") or [])
-    gated = set(settings.get("gated_hooks") or [])
+    model_hooks = settings.model_hooks
+    skip = set(settings.unstorable_hooks)
+    gated = set(settings.gated_hooks)
     for need in analysis.needs:
         is_preset, patterns = _need_patterns(need)
         wanted: set[str] = set()
@@ -290,10 +290,11 @@ def missing_inputs(run: Run, analysis: Analysis) -> list[str]:
 
 
 def capture_hooks_for(analyses: Iterable[Analysis]) -> list[str]:
-    """The hook patterns and presets ``workbench capture --for`` adds, in order, once each."""
+    """The hook patterns and presets ``workbench capture --for`` adds, in order, once each: each
+    analysis's ``needs``, then its ``optional``."""
     out: dict[str, None] = {}
     for a in analyses:
-        out.update(dict.fromkeys(a.needs))
+        out.update(dict.fromkeys((*a.needs, *a.optional)))
     return list(out)
 
 
@@ -339,22 +340,25 @@ class AnalysisContext:
             self._progress(done, total)
 
 
-def reload_model(run: Run, device: str = "auto") -> Model:
+def reload_model(run: Run, device: str = "auto", registry: ModelRegistry | None = None) -> Model:
     """Load the model a run was captured with, and check it is the same one: the provenance
-    recorded in the run must equal the reloaded model's."""
+    recorded in the run must equal the reloaded model's. Names resolve against ``registry``
+    (default: the models that ship with workbench; :func:`workbench.registries.reload_model`
+    passes every plugin's)."""
     from workbench.models import load_model
 
-    recorded = run.settings.get("model") or {}
-    name = recorded.get("name") or run.model_info.get("name")
+    recorded = run.capture_settings.model
+    name = recorded.name
     if not name:
         raise UserError(f"{run.path} does not record which model it was captured with")
     try:
-        model = load_model(name, device=device, dtype=recorded.get("dtype", "float32"),
-                           bos=run.settings.get("bos"), progress=False)
+        model = load_model(name, device=device, dtype=recorded.dtype,
+                           bos=run.capture_settings.bos, progress=False,  # type: ignore[arg-type]
+                           registry=registry)
     except UserError as exc:
         raise UserError(f"cannot reload the model of {run.final_path.name} ({name}): {exc}") from None
     now = model.info.provenance.to_dict()
-    then = recorded.get("provenance") or {}
+    then = recorded.provenance
     diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
     if diff:
         detail = "; ".join(f"{k}: run {then.get(k)!r}, now {now.get(k)!r}" for k in diff[:3])
@@ -381,9 +385,14 @@ class Outcome:
 
 def analyze(run: Run, analyses: list[Analysis], params: dict[str, dict[str, Any]] | None = None, *,
             force: bool = False, device: str = "auto", model: Model | None = None,
+            registry: ModelRegistry | None = None,
             progress: Callable[[Analysis, int, int], None] | None = None,
             on_start: Callable[[Analysis], None] | None = None) -> list[Outcome]:
     """Run ``analyses`` over ``run`` and store each result beside it.
+
+    An analysis that needs the model gets ``model``, else the run's model reloaded once
+    (:func:`reload_model`, names resolved against ``registry``; :func:`workbench.registries.analyze`
+    passes the registry of every plugin's models).
 
     A result stored under the same key (name, version, parameters) for the same run and prompt
     count is reused unless ``force``. An analysis that raises is recorded as that analysis's
@@ -391,7 +400,6 @@ def analyze(run: Run, analyses: list[Analysis], params: dict[str, dict[str, Any]
     propagates instead (results already stored stay). Inputs are checked first: an analysis the
     run cannot feed is a :class:`UserError` before anything runs.
     """
-    from workbench.plugins import strict_plugins
     from workbench.store import results as R
 
     params = params or {}
@@ -409,9 +417,8 @@ def analyze(run: Run, analyses: list[Analysis], params: dict[str, dict[str, Any]
 
     def load() -> Model:
         if not loaded:
-            print(f"workbench: reloading {run.settings.get('model', {}).get('name')} for analysis",
-                  file=sys.stderr)
-            loaded.append(reload_model(run, device))
+            print(f"workbench: reloading {run.model_name} for analysis", file=sys.stderr)
+            loaded.append(reload_model(run, device, registry))
         return loaded[0]
 
     outcomes = []
@@ -446,7 +453,7 @@ def analyze(run: Run, analyses: list[Analysis], params: dict[str, dict[str, Any]
                   file=sys.stderr)
             result = Result()
         seconds = time.perf_counter() - t0
-        stored = R.save(run, a, values, key, result, n_prompts=n_prompts, seconds=seconds,
-                        error=error, traceback_text=tb)
+        stored = R.save(run, a.name, a.version, values, key, result, plugin=a.plugin,
+                        n_prompts=n_prompts, seconds=seconds, error=error, traceback_text=tb)
         outcomes.append(Outcome(a, values, "error" if error else "computed", stored, seconds))
     return outcomes

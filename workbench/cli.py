@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
-from workbench import __version__
+from workbench.version import __version__
 from workbench.errors import UserError
 
 BOS_CHOICE = click.Choice(["tokenizer", "prepend", "none"])
@@ -61,7 +61,7 @@ def _console(stderr: bool = False):  # type: ignore[no-untyped-def]
 
 
 def _load(name: str, device: str, bos: str | None):  # type: ignore[no-untyped-def]
-    from workbench.models import load_model
+    from workbench.registries import load_model
 
     console = _console(stderr=True)
     with console.status(f"loading {name} ...", spinner="dots"):
@@ -107,7 +107,8 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def models_cmd(as_json: bool) -> None:
     """List model sources and whether each can be loaded here (loads nothing)."""
-    from workbench.models import DEFAULT_MODEL, build_registry
+    from workbench.models import DEFAULT_MODEL
+    from workbench.registries import build_registry
     from workbench.models.registry import GENERIC_SOURCES
 
     registry = build_registry()
@@ -326,7 +327,8 @@ def demo_cmd(model_name: str, device: str, bos: str | None, out: str, open_tui: 
             if answer is not None:
                 rank = [t.token for t in top].index(answer) + 1 if answer in [t.token for t in top] else None
                 console.print(f"expected {answer!r}: " + (f"rank {rank}" if rank else "not in the top 5"))
-        from workbench.analysis import analyze, build_analyses, missing_inputs
+        from workbench.analysis import missing_inputs
+        from workbench.registries import analyze, build_analyses
 
         chosen = [a for a in build_analyses() if a.auto and not missing_inputs(run, a)]
         for o in analyze(run, chosen, model=model):
@@ -420,46 +422,35 @@ def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tup
             click.echo(f"{name:15} {description}\n{'':15} {' '.join(patterns)}")
         return
     from workbench.capturing import capture
-    from workbench.capturing.prompts import Prompt, load_prompts_file
+    from workbench.capturing.prompts import command_line_prompts
 
-    prompts: list[Prompt] = [Prompt(text=t, id=f"p{i}") for i, t in enumerate(prompt_texts)]
-    for i, t in enumerate(prompt_texts):
-        if not t:
-            raise UserError(f"prompt {i + 1} (--prompt) is empty")
-    if prompts_file:
-        prompts += load_prompts_file(prompts_file, first_index=len(prompts))
-    if not prompts:
-        raise UserError("no prompts: give --prompt TEXT or --prompts FILE")
+    prompts = command_line_prompts(prompt_texts, prompts_file)
     if not out and not dry_run:
         raise UserError("--out RUN.h5 is required (or --dry-run)")
-    if not dry_run and out:
-        from pathlib import Path
-
-        from workbench.capturing.runner import check_output
-
-        check_output(Path(out).expanduser().absolute(), overwrite, resume)
-    if not generate and (sample_top_k is not None or sample_top_p is not None or seed is not None
-                         or temperature != 1.0):
-        raise UserError("--temperature, --top-k, --top-p and --seed shape --generate N; give N")
     hooks = list(hook_items)
     wanted = []
     if for_analyses:
-        from workbench.analysis import build_analyses, capture_hooks_for
+        from workbench.analysis import capture_hooks_for
+        from workbench.registries import build_analyses
 
         registry = build_analyses()
         wanted = [registry.get(n) for n in for_analyses]
         hooks += [h for h in capture_hooks_for(wanted) if h not in hooks]
     elif not hooks:
         hooks = ["residual"]
-    model = _load(model_name, device, bos)
-    for a in wanted:
-        if model.family not in a.families:
-            raise UserError(f"analysis {a.name!r} works on {' or '.join(a.families)} models, "
-                            f"not on {model.name} ({model.family})")
-        if a.needs_lm_outputs and not model.info.has_lm_head:
-            raise UserError(f"analysis {a.name!r} needs LM outputs; {model.name} has no LM head")
+
+    def load():  # type: ignore[no-untyped-def]  # capture() calls it once its checks pass
+        model = _load(model_name, device, bos)
+        for a in wanted:
+            if model.family not in a.families:
+                raise UserError(f"analysis {a.name!r} works on {' or '.join(a.families)} models, "
+                                f"not on {model.name} ({model.family})")
+            if a.needs_lm_outputs and not model.info.has_lm_head:
+                raise UserError(f"analysis {a.name!r} needs LM outputs; {model.name} has no LM head")
+        return model
+
     result = capture(
-        model, prompts, hooks=hooks, out=out, batch_size=batch_size,
+        load, prompts, hooks=hooks, out=out, batch_size=batch_size,
         dtype=storage_dtype, compression=compression, predictions=predictions, truncate=truncate,
         generate=generate, temperature=temperature, top_k=sample_top_k, top_p=sample_top_p,
         seed=seed, overwrite=overwrite, resume=resume, dry_run=dry_run,
@@ -492,10 +483,11 @@ def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tup
 def inspect_cmd(run_path: str, as_json: bool, n_show: int) -> None:
     """Summarise a run (finished, still being written, or interrupted) without loading the model."""
     from workbench.store import open_run
+    from workbench.store.results import list_results
 
     with open_run(run_path) as run:
         summary = run.summary(n_show)
-        summary["results"] = [r.record(run) for r in run.results()]
+        summary["results"] = [r.record(run) for r in list_results(run)]
         if as_json:
             click.echo(json.dumps(summary, indent=2))
             return
@@ -521,14 +513,14 @@ def inspect_cmd(run_path: str, as_json: bool, n_show: int) -> None:
             click.echo(f"  [{p['index']}] {p['id']} ({p['n_tokens']} tokens) {text!r}{meta}")
         if len(run) > len(summary["first_prompts"]):
             click.echo(f"  ... {len(run) - len(summary['first_prompts']):,} more")
-        results = run.results()
+        results = list_results(run)
         if results:
             click.echo(f"results  {len(results)} beside the run, in {results[0].path.parent}")
         for r in results:
             state = "ok" if r.ok else f"ERROR: {r.error}"
             if not r.current(run):
                 state += (" (stale: computed on an earlier run at this path)"
-                          if r.meta.get("run_id") != run.run_id else
+                          if not r.computed_on(run) else
                           f" (covers {r.meta.get('n_prompts')} prompts)")
             click.echo(f"  {r.analysis} {r.version}  {_fmt_params(r.params)}{state}")
 
@@ -596,10 +588,8 @@ def plugins_cmd(as_json: bool) -> None:
 
     Does not import torch or TransformerLens.
     """
-    from workbench.analysis import build_analyses
-    from workbench.models import build_registry
+    from workbench.registries import build_analyses, build_registry, build_views
     from workbench.plugins import plugin_manager, report_of
-    from workbench.views import build_views
 
     pm = plugin_manager()
     build_registry(pm)
@@ -637,11 +627,24 @@ def _list_analyses(registry: Any, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([a.describe() for a in registry], indent=2))
         return
+    from workbench.hooknames import preset_patterns
+
+    def hooks(items: tuple[str, ...]) -> str:  # presets expanded into their patterns
+        return ", ".join(f"preset {n} ({', '.join(preset_patterns(n) or ())})" if preset_patterns(n) is not None
+                         else n for n in items)
+
     for a in registry:
         click.echo(f"{a.name} {a.version}  ({a.plugin})  {a.description}")
-        needs = list(a.needs) + (["LM outputs"] if a.needs_lm_outputs else []) + [
-            f"prompts with '{k}'" for k in a.needs_task] + (["the live model"] if a.needs_model else [])
-        click.echo(f"    needs:  {', '.join(needs) or 'tokens only'}"
+        click.echo(f"    hooks:      {hooks(a.needs) or 'none'}"
+                   + ("  (a preset's pattern the model lacks is skipped)"
+                      if any(preset_patterns(n) is not None for n in a.needs) else ""))
+        if a.optional:
+            click.echo(f"    if stored:  {hooks(a.optional)}  (read where the run holds them; --for captures them)")
+        also = ((["LM outputs (the stored per-token loss and top-k predictions)"] if a.needs_lm_outputs else [])
+                + [f"the prompts' '{k}' field (JSONL; at least one prompt)" for k in a.needs_task]
+                + (["the model (reloaded by the run's provenance)"] if a.needs_model else []))
+        click.echo(f"    also reads: {'; '.join(also) or 'nothing else (the stored tokens)'}")
+        click.echo(f"    models:     {', '.join(a.families)}"
                    + ("" if a.auto else "  (named only: not run by 'analyze RUN' without names)"))
         for p in a.params:
             extra = f", one of {', '.join(map(str, p.choices))}" if p.choices else ""
@@ -667,7 +670,8 @@ def analyze_cmd(run_path: str | None, names: tuple[str, ...], param_items: tuple
     same analysis, version and parameters is shown again, not recomputed (unless --force). An
     analysis that fails is reported and recorded; the others still run.
     """
-    from workbench.analysis import analyze, build_analyses, missing_inputs
+    from workbench.analysis import missing_inputs
+    from workbench.registries import analyze, build_analyses
     from workbench.store import open_run
 
     registry = build_analyses()

@@ -7,6 +7,16 @@ other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
+
+STRICT_ENV = "WORKBENCH_STRICT_PLUGINS"
+
+
+def strict_plugins() -> bool:
+    """Whether ``WORKBENCH_STRICT_PLUGINS`` asks for plugin problems (a plugin that fails to load,
+    a misspelt hook, an analysis that raises) to be errors instead of warnings."""
+    return os.environ.get(STRICT_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
 
 class UserError(Exception):
     """A mistake the user can fix; its message is one self-contained line."""

@@ -30,7 +30,7 @@ def _check_prompt(run: Run, i: int) -> None:
 
 
 def _labels(tokens: list[str]) -> list[str]:
-    from workbench.tui.render import token_label
+    from workbench.kit.shading import token_label
 
     return [f"{token_label(t, 12)} {p}" for p, t in enumerate(tokens)]
 
@@ -46,7 +46,7 @@ def plot_attention(run: Run, i: int, out: str, *, hook: str | None = None, layer
                    head: int = 0) -> None:
     """One head's attention pattern for prompt ``i``: queries down, keys across, weight in
     colour; exactly-zero cells (the causal mask) left white."""
-    from workbench.tui.render import pattern_hooks
+    from workbench.store.depth import pattern_hooks
 
     _check_prompt(run, i)
     hooks = pattern_hooks(run)
@@ -85,7 +85,7 @@ def plot_attention(run: Run, i: int, out: str, *, hook: str | None = None, layer
 
 def plot_residual(run: Run, i: int, out: str) -> None:
     """The residual stream's L2 norm at every stored depth (rows) and position (columns)."""
-    from workbench.tui.render import residual_norms
+    from workbench.store.depth import residual_norms
 
     _check_prompt(run, i)
     labels, norms = residual_norms(run, i)

@@ -39,11 +39,15 @@ from typing import Any, TypeVar
 import pluggy
 
 from workbench import hookspecs
+from workbench.errors import STRICT_ENV, UserError, strict_plugins
+
+__all__ = ["DEFAULT_PLUGINS", "STRICT_ENV", "PluginError", "PluginFailure", "PluginInfo",
+           "PluginReport", "call_each", "collect_unique", "extra_plugins", "make_plugin_manager",
+           "plugin_dirs", "plugin_manager", "report_of", "reset_plugin_manager", "strict_plugins"]
 
 # Core plugins: part of workbench itself, loaded whatever the environment says.
-DEFAULT_PLUGINS: tuple[str, ...] = ("workbench.models.builtin",)
+DEFAULT_PLUGINS: tuple[str, ...] = ("workbench.builtin_models",)
 
-STRICT_ENV = "WORKBENCH_STRICT_PLUGINS"
 ONLY_ENV = "WORKBENCH_PLUGINS"
 DIR_ENV = "WORKBENCH_PLUGINS_DIR"
 
@@ -115,10 +119,6 @@ class PluginReport:
             raise PluginError(f"plugin {plugin!r}: {message}")
         self.info(plugin).errors.append(message)
         print(f"workbench: warning: plugin {plugin!r}: {message}", file=sys.stderr)
-
-
-def strict_plugins() -> bool:
-    return os.environ.get(STRICT_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _allowed() -> set[str] | None:
@@ -291,8 +291,6 @@ def call_each(pm: pluggy.PluginManager, hook: str,
     to it). A plugin whose implementation raises is reported (:meth:`PluginReport.problem`) and
     the others still run. Implementations may take fewer arguments than the spec (pluggy's rule).
     """
-    from workbench.errors import UserError
-
     report = report_of(pm)
     for impl in getattr(pm.hook, hook).get_hookimpls():  # registration order
         name = impl.plugin_name

@@ -15,7 +15,7 @@ Fixtures:
     ``answer`` and a ``wrong``), residual stream and attention patterns.
 ``workbench_register_plugin``
     A function ``register(plugin, name=None)`` that registers a plugin object (or module) in
-    every plugin manager built during this test, so ``workbench.analysis.build_analyses()``, the
+    every plugin manager built during this test, so ``workbench.registries.build_analyses()``, the
     command line (through ``workbench.cli.main``) and ``analyze`` see it. Undone after the test.
 
 Importing this module imports neither torch nor TransformerLens; the fixtures do when used.
@@ -51,6 +51,7 @@ def workbench_tiny_model() -> Any:
 def workbench_make_run(tmp_path: Any, workbench_tiny_model: Any) -> Callable[..., Any]:
     import workbench
     from workbench.capturing.prompts import Prompt
+    from workbench.store.schema import default_prompt_id
 
     counter = [0]
 
@@ -59,10 +60,10 @@ def workbench_make_run(tmp_path: Any, workbench_tiny_model: Any) -> Callable[...
         items = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
-                items.append(Prompt(text=p, id=f"p{i}"))
+                items.append(Prompt(text=p, id=default_prompt_id(i)))
             else:
                 meta = {k: v for k, v in p.items() if k not in ("prompt", "id")}
-                items.append(Prompt(text=p["prompt"], id=p.get("id", f"p{i}"), metadata=meta))
+                items.append(Prompt(text=p["prompt"], id=p.get("id", default_prompt_id(i)), metadata=meta))
         counter[0] += 1
         out = tmp_path / f"run{counter[0]}.h5"
         kwargs.setdefault("progress", False)

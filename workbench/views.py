@@ -11,8 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pluggy
-
 from workbench.analysis import NAME_RE
 
 if TYPE_CHECKING:
@@ -67,12 +65,3 @@ class ViewRegistry:
 
     def for_analysis(self, analysis: str) -> list[View]:
         return [v for v in self if v.analysis == analysis]
-
-
-def build_views(pm: pluggy.PluginManager | None = None) -> ViewRegistry:
-    """Collect every plugin's ``register_views``; a view name registered twice rejects both."""
-    from workbench.plugins import collect_unique, plugin_manager
-
-    registry = ViewRegistry()
-    registry.by_name = collect_unique(pm or plugin_manager(), "register_views", View, "view", "views")
-    return registry

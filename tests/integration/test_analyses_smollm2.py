@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import workbench
-from workbench.analysis import analyze, build_analyses
+from workbench.registries import analyze, build_analyses
 
 pytestmark = pytest.mark.integration
 

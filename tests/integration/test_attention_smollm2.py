@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import workbench
-from workbench.analysis import analyze, build_analyses
+from workbench.registries import analyze, build_analyses
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import workbench
-from workbench.analysis import analyze, build_analyses
+from workbench.registries import analyze, build_analyses
 from workbench.capturing.prompts import load_prompts_file
 
 pytestmark = pytest.mark.integration

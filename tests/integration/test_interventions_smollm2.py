@@ -12,7 +12,7 @@ import torch
 from workbench_plugins.intervene import Edit, Intervener, Metric, hook_names
 
 import workbench
-from workbench.analysis import analyze, build_analyses
+from workbench.registries import analyze, build_analyses
 from workbench.capturing.prompts import load_prompts_file
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import workbench
-from workbench.analysis import analyze, build_analyses
+from workbench.registries import analyze, build_analyses
 from workbench.capturing.prompts import Prompt
 
 pytestmark = pytest.mark.integration

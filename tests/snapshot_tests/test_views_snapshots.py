@@ -36,7 +36,7 @@ def test_token_ids_and_second_prompt(snap_compare, run_path):
 
 def test_results_generic_view(snap_compare, run_path):
     import workbench
-    from workbench.analysis import analyze, build_analyses
+    from workbench.registries import analyze, build_analyses
 
     with workbench.open_run(run_path) as run:
         analyze(run, [build_analyses().get("next-token")])

@@ -21,7 +21,6 @@ tokens), which tells the batch axis, each positional axis and the token stream i
 from __future__ import annotations
 
 import difflib
-import functools
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,77 +28,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from workbench.errors import UserError
+from workbench.hooknames import PRESETS, glob_to_regex, is_glob
 from workbench.store.schema import DEC, MAIN, HookSpec
 
 if TYPE_CHECKING:
     from workbench.models.model import Model
-
-PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "residual": (
-        "the residual stream: embeddings and every block's resid_pre, resid_mid, resid_post",
-        ("hook_embed", "hook_pos_embed", "*blocks.*.hook_resid_pre", "*blocks.*.hook_resid_mid",
-         "*blocks.*.hook_resid_post"),
-    ),
-    "attention": (
-        "attention patterns (heads x query x key per prompt)",
-        ("*blocks.*.*attn.hook_pattern",),
-    ),
-    "attention-full": (
-        "queries, keys, values, scores, patterns, per-head outputs (z) and attention outputs",
-        ("*blocks.*.*attn.hook_q", "*blocks.*.*attn.hook_k", "*blocks.*.*attn.hook_v",
-         "*blocks.*.*attn.hook_attn_scores", "*blocks.*.*attn.hook_pattern",
-         "*blocks.*.*attn.hook_z", "*blocks.*.hook_attn_out"),
-    ),
-    "mlp": (
-        "MLP inputs to the nonlinearity, its outputs, and the MLP's output to the residual stream",
-        ("*blocks.*.mlp.hook_pre", "*blocks.*.mlp.hook_post", "*blocks.*.hook_mlp_out"),
-    ),
-    "lens": (
-        ("what the logit lens and direct logit attribution need: residual stream (pre, mid, "
-         "post), per-head z, sublayer outputs, final-norm and post-norm scales"),
-        ("hook_embed", "hook_pos_embed", "*blocks.*.hook_resid_pre", "*blocks.*.hook_resid_mid",
-         "*blocks.*.hook_resid_post", "*blocks.*.*attn.hook_z", "*blocks.*.hook_attn_out", "*blocks.*.hook_mlp_out",
-         "*ln_final.hook_scale", "*blocks.*.ln1_post.hook_scale", "*blocks.*.ln2_post.hook_scale"),
-    ),
-    "all": (
-        "every distinct tensor with a per-prompt layout that fires without changing the model",
-        ("**",),
-    ),
-}
-
-# Hook points that only fire once a TransformerLens switch changes how attention/MLP compute.
-GATE_SETTERS = {
-    "use_attn_result": "set_use_attn_result",
-    "use_split_qkv_input": "set_use_split_qkv_input",
-    "use_hook_mlp_in": "set_use_hook_mlp_in",
-    "use_attn_in": "set_use_attn_in",
-}
-
-
-@functools.lru_cache(maxsize=256)
-def glob_to_regex(pattern: str) -> re.Pattern[str]:
-    """``*`` within one dot-separated segment, ``**`` across segments, ``?`` one character."""
-    out = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^.]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^.]")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
-def is_glob(pattern: str) -> bool:
-    return any(c in pattern for c in "*?")
-
 
 def _collapse(name: str) -> str:
     return re.sub(r"(^|\.)(\d+)(?=\.)", r"\1*", name)
@@ -118,8 +51,7 @@ class Selection:
 def select(model: Model, items: list[str] | tuple[str, ...]) -> Selection:
     """Expand presets and patterns against the model's hook names. A pattern matching nothing, or
     naming a layer the model does not have, is an error that lists valid names."""
-    bridge = model.bridge
-    all_names = list(bridge.hook_dict)
+    all_names = list(model.bridge.hook_dict)
     if not items:  # tokens and LM outputs only (e.g. for an analysis that needs nothing more)
         return Selection(names=[], exact=set(), gates=set())
     chosen: dict[str, None] = {}
@@ -132,7 +64,7 @@ def select(model: Model, items: list[str] | tuple[str, ...]) -> Selection:
         if item in PRESETS:
             regexes = [glob_to_regex(p) for p in PRESETS[item][1]]
             matched = [n for rx in regexes for n in all_names if rx.match(n)]
-            matched = [n for n in matched if bridge._gated_hook_reason(n) is None]
+            matched = [n for n in matched if model.gated_hook_reason(n) is None]
             if not matched:
                 raise UserError(f"preset {item!r} matches no hook of {model.name}")
             chosen.update(dict.fromkeys(matched))
@@ -157,7 +89,7 @@ def select(model: Model, items: list[str] | tuple[str, ...]) -> Selection:
                 f"(`workbench describe {model.name} --hooks` lists them; presets: {', '.join(PRESETS)})"
             )
         if is_glob(item):
-            matched = [n for n in matched if bridge._gated_hook_reason(n) is None]
+            matched = [n for n in matched if model.gated_hook_reason(n) is None]
             if not matched:
                 raise UserError(
                     f"hook pattern {item!r} only matches hooks that need a TransformerLens switch; "
@@ -165,7 +97,7 @@ def select(model: Model, items: list[str] | tuple[str, ...]) -> Selection:
                 )
         else:
             exact.add(item)
-            reason = bridge._gated_hook_reason(item)
+            reason = model.gated_hook_reason(item)
             if reason is not None:
                 gates.add(reason)
         chosen.update(dict.fromkeys(matched))
@@ -175,17 +107,16 @@ def select(model: Model, items: list[str] | tuple[str, ...]) -> Selection:
 @contextmanager
 def gates_enabled(model: Model, gates: set[str] | list[str]) -> Iterator[None]:
     """Turn on the TransformerLens switches some hook points need, and back off afterwards."""
-    bridge = model.bridge
     changed = []
     try:
         for gate in sorted(gates):
-            if not getattr(bridge.cfg, gate, False):
-                getattr(bridge, GATE_SETTERS[gate])(True)
+            if not model.gate_enabled(gate):
+                model.set_gate(gate, True)
                 changed.append(gate)
         yield
     finally:
         for gate in reversed(changed):
-            getattr(bridge, GATE_SETTERS[gate])(False)
+            model.set_gate(gate, False)
 
 
 @dataclass

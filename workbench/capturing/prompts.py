@@ -6,6 +6,8 @@ as per-prompt metadata. Three fields have a meaning every analysis understands:
 - ``answer``: the expected next token or text;
 - ``wrong``: a contrasting answer, for logit differences (``answer`` minus ``wrong``);
 - ``corrupted``: a corrupted version of the prompt with the same number of tokens, for patching.
+
+A prompt without an id gets ``p<index>`` (:func:`~workbench.store.schema.default_prompt_id`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ from typing import Any
 from workbench.errors import UserError
 
 TASK_FIELDS = ("answer", "wrong", "corrupted")
+
+
+def default_prompt_id(index: int) -> str:
+    """``p<index>``: :func:`workbench.store.schema.default_prompt_id`, imported only when needed
+    (the store package imports h5py, which the model-free commands never load)."""
+    from workbench.store.schema import default_prompt_id as make
+
+    return make(index)
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,7 @@ def from_mapping(obj: Mapping[str, Any], index: int, where: str) -> Prompt:
         raise UserError(f"{where}: 'prompt' must be a string")
     if not text:
         raise UserError(f"{where}: empty prompt")
-    pid = obj.get("id", f"p{index}")
+    pid = obj.get("id", default_prompt_id(index))
     if not isinstance(pid, (str, int)) or isinstance(pid, bool) or pid == "":
         raise UserError(f"{where}: 'id' must be a non-empty string or an integer")
     meta = {k: v for k, v in obj.items() if k not in ("prompt", "id")}
@@ -83,9 +93,24 @@ def load_prompts_file(path: str | Path, first_index: int = 0) -> list[Prompt]:
     else:
         for line in text.splitlines():
             if line:
-                prompts.append(Prompt(text=line, id=f"p{first_index + len(prompts)}"))
+                prompts.append(Prompt(text=line, id=default_prompt_id(first_index + len(prompts))))
     if not prompts:
         raise UserError(f"prompts file {p} holds no prompts")
+    return prompts
+
+
+def command_line_prompts(texts: Iterable[str], path: str | Path | None) -> list[Prompt]:
+    """The prompts of ``--prompt TEXT`` options (ids ``p0``, ``p1``, ...) followed by those of a
+    ``--prompts FILE`` (numbered on from there)."""
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not text:
+            raise UserError(f"prompt {i + 1} (--prompt) is empty")
+    prompts = [Prompt(text=text, id=default_prompt_id(i)) for i, text in enumerate(texts)]
+    if path:
+        prompts += load_prompts_file(path, first_index=len(prompts))
+    if not prompts:
+        raise UserError("no prompts: give --prompt TEXT or --prompts FILE")
     return prompts
 
 
@@ -109,7 +134,7 @@ def normalize(prompts: Iterable[str | Prompt | Mapping[str, Any]] | str | Path) 
             elif isinstance(item, str):
                 if not item:
                     raise UserError(f"prompt {i} is empty")
-                items.append(Prompt(text=item, id=f"p{i}"))
+                items.append(Prompt(text=item, id=default_prompt_id(i)))
             elif isinstance(item, Mapping):
                 items.append(from_mapping(item, i, f"prompt {i}"))
             else:

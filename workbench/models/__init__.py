@@ -23,7 +23,6 @@ from workbench.models.registry import (
     ModelRegistry,
     ModelSource,
     Provenance,
-    build_registry,
 )
 
 if TYPE_CHECKING:
@@ -45,7 +44,6 @@ __all__ = [
     "ModelRegistry",
     "ModelSource",
     "Provenance",
-    "build_registry",
     "load_model",
     "resolve_device",
 ]
@@ -85,14 +83,19 @@ def load_model(
         ``float16`` or ``bfloat16``.
     :param bos: how prompts are tokenized (:data:`BOS_POLICIES`); the source's default if None.
     :param progress: show progress of long steps (the first GGUF conversion) on stderr.
+    :param registry: the names to resolve against; default: the sources that ship with workbench
+        only. ``workbench.load_model`` (:func:`workbench.registries.load_model`) passes the
+        registry of every plugin's models.
     :raises UserError: unknown name (with close matches), unavailable source, bad option.
     """
+    from workbench.models import sources
+
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if bos is not None and bos not in BOS_POLICIES:
         raise UserError(f"unknown BOS policy {bos!r}; choose one of {', '.join(BOS_POLICIES)}")
-    registry = registry if registry is not None else build_registry()
-    source = registry.resolve(name)
+    registry = registry if registry is not None else sources.builtin_registry()
+    source = sources.resolve(name, registry)
     problem = source.availability()
     if problem:
         raise ModelUnavailable(f"model {source.name} is not available here: {problem}")

@@ -27,6 +27,14 @@ POSITIONAL_NAMES = {
     "alibi": "ALiBi",
 }
 NORM_NAMES = {"RMS": "RMSNorm", "RMSPre": "RMSNorm", "LN": "LayerNorm", "LNPre": "LayerNorm"}
+# Hook points that only fire once a TransformerLens switch changes how attention/MLP compute:
+# switch -> the bridge's setter.
+GATE_SETTERS = {
+    "use_attn_result": "set_use_attn_result",
+    "use_split_qkv_input": "set_use_split_qkv_input",
+    "use_hook_mlp_in": "set_use_hook_mlp_in",
+    "use_attn_in": "set_use_attn_in",
+}
 
 
 @dataclass(frozen=True)
@@ -234,13 +242,32 @@ class Model:
             suffix=suffix,
         )
 
+    # --- hook switches ---------------------------------------------------------------------------
+
+    def gated_hook_reason(self, name: str) -> str | None:
+        """The TransformerLens switch (a key of :data:`GATE_SETTERS`) hook ``name`` needs before
+        it fires, or ``None`` when it fires as the model stands."""
+        return self.bridge._gated_hook_reason(name)
+
+    def gate_enabled(self, gate: str) -> bool:
+        """Whether the TransformerLens switch ``gate`` (e.g. ``use_attn_result``) is on."""
+        return bool(getattr(self.bridge.cfg, gate, False))
+
+    def set_gate(self, gate: str, on: bool) -> None:
+        """Turn the TransformerLens switch ``gate`` on or off (a key of :data:`GATE_SETTERS`)."""
+        getattr(self.bridge, GATE_SETTERS[gate])(on)
+
     # --- running -----------------------------------------------------------------------------
+
+    @property
+    def decoder_start_token_id(self) -> int:
+        """The token an encoder-decoder's decoder starts from."""
+        return int(self.bridge.original_model.config.decoder_start_token_id)
 
     def _decoder_start(self, batch: int = 1) -> Any:
         import torch
 
-        start = self.bridge.original_model.config.decoder_start_token_id
-        return torch.full((batch, 1), int(start), device=self.device)
+        return torch.full((batch, 1), self.decoder_start_token_id, device=self.device)
 
     def forward(self, tokens: Any, **kwargs: Any) -> Any:
         """The bridge's forward pass on a ``(batch, seq)`` tensor of token ids. For an

@@ -1,4 +1,8 @@
-"""Named model sources and how a name resolves to one.
+"""Named model sources and the registry that holds them by name and alias.
+
+The registry is filled from the ``register_models`` plugin hook by :mod:`workbench.registries`
+(above the plugin manager); how a name that is no registered one (a hub id, a folder, a ``.gguf``)
+becomes a source is :func:`workbench.models.sources.resolve`'s job.
 
 Nothing here imports torch or transformers: listing and resolving models must stay instant.
 """
@@ -6,16 +10,11 @@ Nothing here imports torch or transformers: listing and resolving models must st
 from __future__ import annotations
 
 import difflib
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from workbench.errors import ModelNotFound, UserError
-
-if TYPE_CHECKING:
-    import pluggy
+from workbench.errors import UserError
 
 Family = Literal["decoder", "encoder", "encoder-decoder"]
 BosPolicy = Literal["tokenizer", "prepend", "none"]
@@ -147,64 +146,10 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return list(self._names)
 
-    def resolve(self, name: str) -> ModelSource:
-        """The source for ``name``: a registered name or alias, ``hf:ID`` or ``ORG/NAME`` for the
-        Hugging Face hub, a ``.gguf`` file, or a model folder. Raises :class:`ModelNotFound` with
-        close matches otherwise."""
-        from workbench.models import sources
-
-        if not name or not name.strip():
-            raise ModelNotFound("empty model name; `workbench models` lists the names")
-        found = self.get(name)
-        if found is not None:
-            return found
-        if name.startswith("hf:"):
-            return sources.hub_source(name[3:])
-        path = Path(name).expanduser()
-        if path.exists():
-            if path.is_file() and path.suffix.lower() == ".gguf":
-                return sources.gguf_source(path)
-            if path.is_dir():
-                return sources.directory_source(path)
-            raise UserError(
-                f"{name!r} is not a model: expected a .gguf file or a folder with config.json"
-            )
-        if name.lower().endswith(".gguf") or name.startswith((".", "/", "~")) or os.sep + os.sep in name:
-            raise UserError(f"no such file or folder: {name}")
-        if "/" in name:
-            return sources.hub_source(name)
-        close = []
+    def close_matches(self, name: str, n: int = 3) -> list[str]:
+        """Canonical names (not aliases) close to ``name``, best first."""
+        close: list[str] = []
         for match in difflib.get_close_matches(name, self.names(), n=6, cutoff=0.6):
-            if self._names[match] not in close:  # suggest canonical names, not their aliases
+            if self._names[match] not in close:
                 close.append(self._names[match])
-        close = close[:3]
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ModelNotFound(
-            f"unknown model {name!r}{hint} (`workbench models` lists them; "
-            f"a Hugging Face model needs its full id ORG/NAME or hf:{name})"
-        )
-
-
-def build_registry(pm: pluggy.PluginManager | None = None) -> ModelRegistry:
-    """Collect every plugin's ``register_models`` (default: the process-wide plugin manager).
-    Each plugin is called on its own, so one that raises is reported (and skipped) without
-    losing the others' models."""
-    from workbench.plugins import call_each, plugin_manager, report_of
-
-    if pm is None:
-        pm = plugin_manager()
-    registry = ModelRegistry()
-    report = report_of(pm)
-
-    def kwargs_for(plugin: str) -> dict[str, Any]:
-        def register(source: ModelSource) -> None:
-            object.__setattr__(source, "plugin", plugin)
-            registry.add(source)
-            models = report.info(plugin).models
-            if source.name not in models:
-                models.append(source.name)
-
-        return {"register": register}
-
-    call_each(pm, "register_models", kwargs_for)
-    return registry
+        return close[:n]

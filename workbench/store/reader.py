@@ -23,6 +23,7 @@ import numpy as np
 
 from workbench.errors import UserError
 from workbench.store import schema as S
+from workbench.store.settings import RunSettings
 
 
 def partial_path(path: Path) -> Path:
@@ -113,7 +114,7 @@ class Run:
             self._n = self._committed()
             # Small, and read by nearly everything: parsing them now turns damage into a clear
             # error at open time rather than a confusing one later.
-            for doc in ("model_info", "settings", "hooks"):
+            for doc in ("model_info", "settings", "capture_settings", "hooks"):
                 getattr(self, doc)
         except UserError:
             self.f.close()
@@ -177,6 +178,27 @@ class Run:
         return self._json(S.META_SETTINGS)  # type: ignore[no-any-return]
 
     @cached_property
+    def capture_settings(self) -> RunSettings:
+        """The capture settings, typed (:class:`~workbench.store.settings.RunSettings`); runs
+        written before the settings were versioned read with ``model_info``'s values filled in."""
+        return RunSettings.from_dict(self.settings, self.model_info)
+
+    @property
+    def family(self) -> str:
+        """``decoder``, ``encoder`` or ``encoder-decoder``."""
+        return self.capture_settings.family
+
+    @property
+    def model_name(self) -> str:
+        """The name the run's model was loaded by (``workbench models``)."""
+        return self.capture_settings.model_name
+
+    @property
+    def is_causal(self) -> bool:
+        """Whether the main stream's attention is causal (decoders); encoders attend both ways."""
+        return self.family == "decoder"
+
+    @cached_property
     def hooks(self) -> dict[str, S.HookSpec]:
         """Stored tensors by dataset name."""
         return {d["name"]: S.HookSpec.from_dict(d) for d in self._json(S.META_HOOKS)}
@@ -200,29 +222,8 @@ class Run:
     def run_id(self) -> str:
         """Identifies this capture (kept across ``--resume``); results beside the run record it,
         so results of an earlier run captured to the same path are told apart."""
-        rid = self.settings.get("run_id")
-        return str(rid) if rid else f"{self.f.attrs.get(S.ATTR_CREATED, '')}"
-
-    # --- analysis results (files beside the run) --------------------------------------------
-
-    def results(self) -> list[Any]:
-        """The analysis results stored beside this run (``StoredResult``), newest first; see
-        :mod:`workbench.store.results`."""
-        from workbench.store.results import list_results
-
-        return list_results(self)
-
-    def result(self, analysis: str, **params: Any) -> Any:
-        """The newest stored result of ``analysis`` computed on this run whose parameters include
-        ``params`` (``StoredResult``: ``.data``, ``.arrays``, ``.meta``)."""
-        for r in self.results():
-            if r.analysis == analysis and r.meta.get("run_id") == self.run_id and all(
-                r.params.get(k) == v for k, v in params.items()
-            ):
-                return r
-        raise UserError(f"no stored result of {analysis!r}"
-                        + (f" with {params}" if params else "") + f" for {self.final_path.name} "
-                        f"(run 'workbench analyze {self.final_path.name} {analysis}')")
+        rid = self.capture_settings.run_id
+        return rid if rid else f"{self.f.attrs.get(S.ATTR_CREATED, '')}"
 
     @property
     def planned_prompts(self) -> int:
@@ -349,7 +350,7 @@ class Run:
     def lm_target(self) -> str:
         """What the stored predictions are about: ``next`` (decoders, and an encoder-decoder's
         decoder) or ``same`` (a masked-LM encoder predicts the token at its own position)."""
-        return str(self.settings.get("lm_target", "next"))
+        return self.capture_settings.lm_target
 
     def loss(self, i: int) -> np.ndarray:
         """Per-token loss ``(seq,)`` on the LM stream: ``-log p(target[t])`` where the target is the
@@ -447,37 +448,6 @@ class Run:
         start = int(self._ds(f"{S.ACTS_OFFSETS}/{spec.name}")[i])
         rows = [ds[start + (h * nq + q) * nk : start + (h * nq + q + 1) * nk] for h in range(spec.feature_shape[0])]
         return S.decode_values(np.stack(rows), ds.attrs.get("encoding") or None)
-
-    def cache(self, i: int, model: Any = None, *, device: str = "cpu",
-              remove_batch_dim: bool = False) -> Any:
-        """Prompt ``i`` as a TransformerLens ``ActivationCache``, so TransformerLens analysis code
-        runs on a stored run: ``cache["resid_post", 3]``, ``cache.accumulated_resid()``,
-        ``cache.decompose_resid()``, ``cache.stack_activation("pattern")``, ...
-
-        Every name a tensor answers to is a key (stored name and aliases, one tensor each). Like a
-        cache from ``model.run_with_cache(tokens)`` it has a batch dimension of 1, unless
-        ``remove_batch_dim``. Without ``model`` the cache carries a stand-in with the model's
-        TransformerLens config, enough for everything that needs no weights; pass the loaded model
-        (a workbench ``Model`` or a ``TransformerBridge``) for weight-based helpers such as
-        ``logit_attrs`` or ``stack_head_results``. Imports torch and TransformerLens."""
-        import types
-
-        import torch
-        from transformer_lens.ActivationCache import ActivationCache
-
-        tensors: dict[str, Any] = {}
-        for spec in self.hooks.values():
-            t = torch.from_numpy(np.ascontiguousarray(self.activation(spec.name, i))).to(device)
-            if not remove_batch_dim:
-                t = t.unsqueeze(0)
-            for name in (spec.name, *spec.aliases):
-                tensors[name] = t
-        if model is None:
-            cfg = types.SimpleNamespace(**self.model_info.get("tl_config", {}))
-            model = types.SimpleNamespace(cfg=cfg)
-        else:
-            model = getattr(model, "bridge", model)
-        return ActivationCache(tensors, model, has_batch_dim=not remove_batch_dim)
 
     def axis_tokens(self, hook: str, i: int) -> list[list[str] | None]:
         """For each axis of :meth:`activation`'s result, the tokens indexing it (``None`` for

@@ -40,8 +40,9 @@ import numpy as np
 from workbench.errors import UserError
 from workbench.paths import fsync_dir
 
+from workbench.version import __version__
+
 if TYPE_CHECKING:
-    from workbench.analysis import Analysis, Result
     from workbench.store.reader import Run
 
 MARKER = "workbench analysis result"
@@ -65,6 +66,15 @@ def canonical(obj: Any) -> str:
 def result_key(name: str, version: str, params: dict[str, Any]) -> str:
     doc = {"analysis": name, "version": version, "params": params}
     return hashlib.sha256(canonical(doc).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Result:
+    """What an analysis returns: JSON-able ``data`` and named numpy ``arrays`` (stored as HDF5
+    datasets; in JSON output as nested lists)."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _file_name(name: str, version: str, key: str) -> str:
@@ -109,14 +119,16 @@ class StoredResult:
                 self._arrays = {k: group[k][()] for k in group} if group is not None else {}
         return self._arrays
 
+    def computed_on(self, run: Run) -> bool:
+        """Whether this result was computed on this run, not on an earlier one captured to the
+        same path (the one place that decides it)."""
+        return self.meta.get("run_id") == run.run_id
+
     def current(self, run: Run) -> bool:
-        """Whether this result was computed on this run (not an earlier one captured to the same
-        path) over all of its prompts committed now."""
-        return self.meta.get("run_id") == run.run_id and self.meta.get("n_prompts") == len(run)
+        """Whether this result was computed on this run over all of its prompts committed now."""
+        return self.computed_on(run) and self.meta.get("n_prompts") == len(run)
 
     def result(self) -> Result:
-        from workbench.analysis import Result
-
         return Result(data=self.data, arrays=self.arrays)
 
     def record(self, run: Run | None = None) -> dict[str, Any]:
@@ -169,6 +181,24 @@ def list_results(run: Run) -> list[StoredResult]:
     return out
 
 
+def results(run: Run) -> list[StoredResult]:
+    """The analysis results stored beside ``run``, newest first (:func:`list_results`)."""
+    return list_results(run)
+
+
+def result(run: Run, analysis: str, **params: Any) -> StoredResult:
+    """The newest stored result of ``analysis`` computed on this run whose parameters include
+    ``params`` (``.data``, ``.arrays``, ``.meta``). Raises :class:`UserError` when there is none."""
+    for r in list_results(run):
+        if r.analysis == analysis and r.computed_on(run) and all(
+            r.params.get(k) == v for k, v in params.items()
+        ):
+            return r
+    raise UserError(f"no stored result of {analysis!r}"
+                    + (f" with {params}" if params else "") + f" for {run.final_path.name} "
+                    f"(run 'workbench analyze {run.final_path.name} {analysis}')")
+
+
 def find(run: Run, name: str, version: str, key: str) -> StoredResult | None:
     path = results_dir(run) / _file_name(name, version, key)
     if not path.exists():
@@ -181,8 +211,6 @@ def find(run: Run, name: str, version: str, key: str) -> StoredResult | None:
 
 def check_storable(result: Result) -> None:
     """Fail early (as the analysis's error) if a result cannot be stored."""
-    from workbench.analysis import Result
-
     if not isinstance(result, Result):
         raise TypeError(f"compute() must return a Result or a dict, not {type(result).__name__}")
     try:
@@ -197,22 +225,21 @@ def check_storable(result: Result) -> None:
             raise TypeError(f"array {name!r} has dtype object; use numbers or fixed-width strings")
 
 
-def save(run: Run, analysis: Analysis, params: dict[str, Any], key: str, result: Result, *,
-         n_prompts: int, seconds: float, error: str | None = None,
+def save(run: Run, name: str, version: str, params: dict[str, Any], key: str, result: Result, *,
+         plugin: str = "", n_prompts: int, seconds: float, error: str | None = None,
          traceback_text: str | None = None) -> StoredResult:
-    """Write a result file atomically (temporary name, fsync, rename) and return it."""
-    from workbench import __version__
-
+    """Write the result of analysis ``name`` (``version``, registered by ``plugin``) atomically
+    (temporary name, fsync, rename) and return it."""
     folder = results_dir(run)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {
-        "analysis": analysis.name, "version": analysis.version, "params": params, "key": key,
+        "analysis": name, "version": version, "params": params, "key": key,
         "status": "error" if error else "ok", "error": error, "traceback": traceback_text,
-        "plugin": analysis.plugin, "run_id": run.run_id, "run": run.final_path.name,
+        "plugin": plugin, "run_id": run.run_id, "run": run.final_path.name,
         "n_prompts": n_prompts, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(seconds, 6), "workbench": __version__,
     }
-    final = folder / _file_name(analysis.name, analysis.version, key)
+    final = folder / _file_name(name, version, key)
     tmp = folder / f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
     try:
         with h5py.File(tmp, "w") as f:

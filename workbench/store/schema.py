@@ -164,3 +164,9 @@ def decode_values(array: np.ndarray, encoding: str | None) -> np.ndarray:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, allow_nan=True)
+
+
+def default_prompt_id(index: int) -> str:
+    """The id of prompt ``index`` when none is given: ``p0``, ``p1``, ... (the one place it is
+    made: capture's prompts, the command line, synthetic runs)."""
+    return f"p{index}"

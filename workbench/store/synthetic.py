@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from workbench.store import schema as S
+from workbench.store.settings import RecordedModel, RunSettings
+from workbench.store.transaction import RunLock
 from workbench.store.writer import BatchRecord, RunWriter, TokenField
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "park", "when",
@@ -54,8 +56,6 @@ def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_l
     hook, acts)`` returns prompt ``i``'s ``(tokens, d_model)`` activations of ``hook`` to store in
     place of the random ones (to plant a known structure, such as a direction). ``commit_every``
     batches are written, then committed together (as a capture does with ``--commit-every``)."""
-    from workbench.capturing.runner import _Lock
-
     final = Path(path)
     partial = final.with_name(final.name + S.PARTIAL_SUFFIX)
     rng = np.random.default_rng(seed)
@@ -69,23 +69,23 @@ def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_l
                                 ("pos", "d_model"), aliases=(f"blocks.{layer + 1}.hook_resid_pre",)
                                 if layer + 1 < n_layers else ()))
     model_hooks = sorted({n for h in hooks for n in (h.name, *h.aliases)})
-    settings: dict[str, Any] = {
-        "run_id": f"synthetic-{seed}", "family": "decoder",
-        "model": {"name": "synthetic", "provenance": {"source": "synthetic", "seed": seed},
-                  "dtype": "float32"},
-        "model_hooks": model_hooks, "gated_hooks": [], "unstorable_hooks": [],
-        "hooks": [h.to_dict() for h in hooks], "hooks_requested": ["synthetic"],
-        "storage_dtype": "float32", "compression": None, "top_k": top_k, "lm_target": "next",
-        "batch_size": batch_size, "bos": "prepend", "truncate": False, "generation": None,
-        "versions": {"workbench": "synthetic"}, "resumed": [],
-    }
+    settings = RunSettings(
+        run_id=f"synthetic-{seed}", family="decoder",
+        model=RecordedModel(name="synthetic", provenance={"source": "synthetic", "seed": seed},
+                            dtype="float32"),
+        model_hooks=model_hooks, gated_hooks=[], unstorable_hooks=[],
+        hooks=[h.to_dict() for h in hooks], hooks_requested=["synthetic"],
+        storage_dtype="float32", compression=None, top_k=top_k, lm_target="next",
+        batch_size=batch_size, bos="prepend", truncate=False, generation=None,
+        versions={"workbench": "synthetic"}, resumed=[],
+    )
     model_info = {"name": "synthetic", "family": "decoder", "architecture": "synthetic",
                   "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_heads,
                   "d_model": d_model, "d_vocab": len(vocab), "n_ctx": 64,
-                  "provenance": settings["model"]["provenance"], "bos": {"policy": "prepend"}}
+                  "provenance": settings.model.provenance, "bos": {"policy": "prepend"}}
     fields = (TokenField(S.MAIN, S.LOSS, "float32"), TokenField(S.MAIN, S.TOPK_IDS, "int32", top_k),
               TokenField(S.MAIN, S.TOPK_LOGPROBS, "float32", top_k))
-    lock = _Lock(final)
+    lock = RunLock(final)
     writer = RunWriter(partial, model_info=model_info, settings=settings, hooks=hooks,
                        planned_prompts=n_prompts, storage_dtype="float32", compression=None,
                        tool_version="synthetic", token_fields=fields, vocab=vocab)
@@ -94,7 +94,7 @@ def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_l
         for start in range(0, n_prompts, batch_size):
             batch = prompts[start : start + batch_size]
             record = BatchRecord(
-                prompt_ids=[f"p{start + j}" for j in range(len(batch))],
+                prompt_ids=[S.default_prompt_id(start + j) for j in range(len(batch))],
                 texts=["".join(vocab[t] for t in ids[1:]).strip() for ids in batch],
                 metas=[json.dumps(metadata[start + j] if metadata else {}) for j in range(len(batch))],
                 tokens={S.MAIN: [np.asarray(ids, np.int32) for ids in batch]},

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,9 @@ import h5py
 import numpy as np
 
 from workbench.store import schema as S
+from workbench.store.batch import BatchRecord, TokenField
+from workbench.store.chunks import ChunkAppender, start_writeback
+from workbench.store.settings import RunSettings
 
 # Chunk sizes follow the bytes a dataset receives per batch (measured: benchmarks/ and
 # docs/store.md). Small per-batch writes want small chunks, because every commit flushes the
@@ -40,95 +42,7 @@ from workbench.store import schema as S
 CHUNK_BYTES_MIN = 64 << 10
 CHUNK_BYTES_MAX = 4 << 20
 CACHE_BYTES_TOTAL = 256 << 20  # chunk caches of all datasets together
-WRITEBACK_EVERY = 64 << 20  # start the disk writing every this many bytes (see _start_writeback)
-
-
-@dataclass(frozen=True)
-class TokenField:
-    """A per-token dataset ``<stream>/<name>`` of shape ``(tokens,)`` or ``(tokens, width)``."""
-
-    stream: str
-    name: str
-    dtype: str
-    width: int = 0
-
-    @property
-    def path(self) -> str:
-        return f"{self.stream}/{self.name}"
-
-
-@dataclass
-class BatchRecord:
-    """Everything stored for one batch of prompts, already on the CPU in storage dtype."""
-
-    prompt_ids: list[str]
-    texts: list[str]
-    metas: list[str]
-    """Per-prompt metadata as JSON text."""
-    tokens: dict[str, list[np.ndarray]]
-    """Per stream, the token ids of each prompt."""
-    str_tokens: dict[str, list[list[str]]]
-    n_input: list[int]
-    """Per prompt, how many tokens came from the prompt (the rest were generated)."""
-    acts: dict[str, np.ndarray] = field(default_factory=dict)
-    """Per stored hook: token layout ``(batch_tokens, *feature_shape)``; square layout flat."""
-    square_sizes: dict[str, list[int]] = field(default_factory=dict)
-    """Per square hook: number of elements for each prompt of the batch."""
-    fields: dict[str, np.ndarray] = field(default_factory=dict)
-    """Per :class:`TokenField` path, values for every token of the batch."""
-
-    @property
-    def n_tokens(self) -> int:
-        return int(sum(len(t) for ids in self.tokens.values() for t in ids))
-
-    def nbytes(self) -> int:
-        return (sum(a.nbytes for a in self.acts.values())
-                + sum(a.nbytes for a in self.fields.values())
-                + sum(t.nbytes for ids in self.tokens.values() for t in ids))
-
-    @classmethod
-    def merge(cls, records: list[BatchRecord]) -> BatchRecord:
-        """The consecutive batches ``records`` as one (committed together). Their activations
-        must have been written already: ``acts`` are not merged."""
-        if any(r.acts for r in records):
-            raise ValueError("merge records whose activations are written, not held")
-        if len(records) == 1:
-            return records[0]
-        first = records[0]
-        return cls(
-            prompt_ids=[x for r in records for x in r.prompt_ids],
-            texts=[x for r in records for x in r.texts],
-            metas=[x for r in records for x in r.metas],
-            tokens={s: [x for r in records for x in r.tokens[s]] for s in first.tokens},
-            str_tokens={s: [x for r in records for x in r.str_tokens[s]] for s in first.str_tokens},
-            n_input=[x for r in records for x in r.n_input],
-            square_sizes={h: [x for r in records for x in r.square_sizes[h]] for h in first.square_sizes},
-            fields={f: np.concatenate([r.fields[f] for r in records]) for f in first.fields},
-        )
-
-
-def _load_sync_file_range() -> Any:
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
-        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-        return fn
-    except (OSError, AttributeError):
-        return None
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int) -> None:
-    """Start asynchronous writeback of a file's dirty pages (Linux ``sync_file_range`` with
-    ``SYNC_FILE_RANGE_WRITE``); elsewhere nothing: the final fsync does the work."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+WRITEBACK_EVERY = 64 << 20  # start the disk writing every this many bytes (see chunks.start_writeback)
 
 
 def _ends(start: int, sizes: list[int]) -> list[int]:
@@ -139,62 +53,6 @@ def _ends(start: int, sizes: list[int]) -> list[int]:
     return out
 
 
-class _ChunkAppender:
-    """Appends rows to an uncompressed chunked dataset one whole chunk at a time with HDF5's
-    direct chunk write (``H5Dwrite_chunk``): rows are copied into a chunk-sized buffer, a full
-    buffer is written as it stands, and :meth:`flush` writes the partly filled one (the rows past
-    the dataset's extent are never read). This skips HDF5's selection, type-conversion and
-    chunk-cache path, which took 60% more CPU for the residual stream of short batches
-    (618 MB: 0.6 s against 1.0 s), CPU that the forward pass wants."""
-
-    def __init__(self, ds: h5py.Dataset, expected_rows: int = 0) -> None:
-        self.ds = ds
-        self.rows = int(ds.chunks[0])
-        self.extent = int(ds.shape[0])
-        self.expected_rows = expected_rows
-        self.buf = np.zeros(ds.chunks, dtype=ds.dtype)
-        self.tail = (0,) * (ds.ndim - 1)
-        self.base: int | None = None  # first row of the chunk in the buffer
-        self.fill = 0  # rows of that chunk held in the buffer
-
-    def reserve(self, end: int) -> None:
-        """Make the dataset's extent cover row ``end - 1``. It grows in steps (to the rows the
-        plan expects, then doubling), not per write: each ``H5Dset_extent`` under SWMR updates the
-        file's metadata, and one per batch and dataset cost the writer 0.1-0.2 s of its 1.0-1.3 s
-        of CPU for the residual stream of 256 short prompts. Rows past the committed ones are
-        never read (readers go by the offsets), and :meth:`RunWriter.close` trims them."""
-        if end <= self.extent:
-            return
-        grow = max(end, self.expected_rows, 2 * self.extent)
-        self.extent = -(-grow // self.rows) * self.rows
-        self.ds.resize(self.extent, axis=0)
-
-    def write(self, start: int, values: np.ndarray) -> None:
-        """Write ``values`` at row ``start``; :meth:`reserve` must have been called for them."""
-        if self.base is not None and self.base <= start <= self.base + self.fill:
-            self.fill = start - self.base  # the usual case: right after the rows before
-        else:
-            self.base = start - start % self.rows
-            self.fill = start - self.base
-            if self.fill:  # a chunk written before (a resumed file): start from its rows
-                self.buf[: self.fill] = self.ds[self.base : start]
-        i, n = 0, len(values)
-        while i < n:
-            take = min(self.rows - self.fill, n - i)
-            self.buf[self.fill : self.fill + take] = values[i : i + take]
-            self.fill += take
-            i += take
-            if self.fill == self.rows:
-                self.ds.id.write_direct_chunk((self.base, *self.tail), self.buf)
-                self.base += self.rows
-                self.fill = 0
-
-    def flush(self) -> None:
-        """Write the partly filled chunk (before a commit: its rows must be in the file)."""
-        if self.base is not None and self.fill:
-            self.ds.id.write_direct_chunk((self.base, *self.tail), self.buf)
-
-
 class RunWriter:
     """Appends committed batches to a new partial run file."""
 
@@ -203,7 +61,7 @@ class RunWriter:
         path: Path,
         *,
         model_info: dict[str, Any],
-        settings: dict[str, Any],
+        settings: RunSettings | dict[str, Any],
         hooks: list[S.HookSpec],
         planned_prompts: int,
         storage_dtype: str,
@@ -251,10 +109,11 @@ class RunWriter:
         # sized in _ds belongs to that open handle (a dataset opened again by name gets HDF5's
         # default 1 MiB cache, and closing it writes its partly filled chunks out each time).
         self._open: dict[str, h5py.Dataset] = {}
-        self._direct: dict[str, _ChunkAppender] = {}  # uncompressed activations (see _ds)
+        self._direct: dict[str, ChunkAppender] = {}  # uncompressed activations (see _ds)
         self.f = h5py.File(path, "w", libver="latest")
         try:
-            self._create(model_info, settings, planned_prompts, tool_version)
+            doc = settings.to_dict() if isinstance(settings, RunSettings) else settings
+            self._create(model_info, doc, planned_prompts, tool_version)
             if vocab:
                 self._write_vocab(vocab)
             self.f.swmr_mode = True
@@ -288,7 +147,7 @@ class RunWriter:
         # straight to the file, twice as fast as copying it through the cache.
         cached = per_batch < 4 * chunk_bytes and chunk_bytes <= self._cache_each
         # Uncompressed data that would go through the cache is written a chunk at a time by
-        # _ChunkAppender instead (its buffer takes the cache's place in the memory budget).
+        # ChunkAppender instead (its buffer takes the cache's place in the memory budget).
         direct = direct and cached and not (compress and self._filters)
         if cached and not direct:
             cache = chunk_bytes + 1
@@ -301,7 +160,7 @@ class RunWriter:
         ds = self.f.create_dataset(name, shape=shape, **kwargs)
         self._open[name] = ds
         if direct:
-            self._direct[name] = _ChunkAppender(ds, expected_rows or 0)
+            self._direct[name] = ChunkAppender(ds, expected_rows or 0)
         if fill is not None:
             ds[...] = fill
         return ds
@@ -376,8 +235,8 @@ class RunWriter:
 
     def _put(self, name: str, start: int, values: np.ndarray) -> h5py.Dataset:
         """Write ``values`` at row ``start`` and make the dataset end there (an activation
-        dataset written by a :class:`_ChunkAppender` may extend further: see
-        :meth:`_ChunkAppender.reserve`). Every start is derived from what is committed (plus,
+        dataset written by a :class:`ChunkAppender` may extend further: see
+        :meth:`ChunkAppender.reserve`). Every start is derived from what is committed (plus,
         for activations, the rows written for batches awaiting their commit)."""
         ds = self._open[name]
         appender = self._direct.get(name)
@@ -413,7 +272,7 @@ class RunWriter:
         if self.bytes_written - self._unsynced >= WRITEBACK_EVERY:
             self._unsynced = self.bytes_written
             try:
-                _start_writeback(self.f.id.get_vfd_handle())
+                start_writeback(self.f.id.get_vfd_handle())
             except (OSError, ValueError, TypeError):
                 pass  # no plain file descriptor: the final fsync still makes everything durable
 

@@ -28,6 +28,7 @@ from textual.widgets import (
 )
 from textual.widgets.option_list import Option
 
+from workbench.kit import FollowsFocus
 from workbench.tui import render as R
 from workbench.tui.messages import ShowAttentionHead
 from workbench.tui.results import ResultsPanel
@@ -226,13 +227,12 @@ class WorkbenchApp(App[None]):
             self.follow_results()
 
     def follow_results(self) -> None:
-        """Tell the plugin views on screen that implement ``follow(run, focus)`` where the focus
-        is (``workbench.tui.messages``)."""
+        """Tell the plugin views on screen that follow the focus
+        (:class:`workbench.kit.FollowsFocus`) where it is."""
         for widget in self.query(".result-view"):
-            follow = getattr(widget, "follow", None)
-            if callable(follow):
+            if isinstance(widget, FollowsFocus):
                 try:
-                    follow(self.active_run, self.focus_state)
+                    widget.follow(self.active_run, self.focus_state)
                 except Exception as exc:  # noqa: BLE001 - a plugin's view must not take the app down
                     widget.remove_class("result-view")  # asked once, not on every key
                     self.notify(f"view {type(widget).__name__} failed to follow the focus: {exc!r}",
@@ -375,7 +375,7 @@ class WorkbenchApp(App[None]):
 
     def views(self) -> ViewRegistry:
         if self._views is None:
-            from workbench.views import build_views
+            from workbench.registries import build_views
 
             self._views = build_views()
         return self._views
@@ -384,7 +384,8 @@ class WorkbenchApp(App[None]):
         self.query_one(ResultsPanel).show(self.active_run, self.views(), select=select)
 
     def action_analyze(self) -> None:
-        from workbench.analysis import build_analyses, missing_inputs
+        from workbench.analysis import missing_inputs
+        from workbench.registries import build_analyses
 
         choices = [(a.name, a.description, missing_inputs(self.active_run, a)) for a in build_analyses()]
         if not choices:
@@ -407,7 +408,7 @@ class WorkbenchApp(App[None]):
 
     @work(thread=True, exclusive=True, group="analysis")
     def _analysis_worker(self, name: str, params: dict[str, Any]) -> None:
-        from workbench.analysis import analyze, build_analyses
+        from workbench.registries import analyze, build_analyses
         from workbench.errors import UserError
 
         started = time.perf_counter()

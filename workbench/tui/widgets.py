@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
+from workbench.hooknames import part_of
 from workbench.tui import render as R
 
 if TYPE_CHECKING:
@@ -183,7 +184,7 @@ class AttentionView(RunView):
         if n_kv and n_kv != n_heads and n_heads % n_kv == 0:
             kv = f" (KV head {focus.head // (n_heads // n_kv)} of {n_kv})"
         kind = ("cross-attention" if q_stream != k_stream else
-                "bidirectional" if run.settings.get("family") == "encoder" or name.startswith("encoder")
+                "bidirectional" if run.family == "encoder" or part_of(name) == "encoder"
                 else "causal")
         header = Text.assemble(
             (name, "bold"), f"  [{focus.pattern + 1}/{len(hooks)}]  ",

@@ -3,7 +3,7 @@
 import numpy as np
 import workbench_activation_stats as plugin
 
-from workbench.analysis import analyze, build_analyses
+from workbench.registries import analyze, build_analyses
 
 
 def test_stats_equal_a_direct_computation(workbench_run, workbench_register_plugin):

@@ -13,16 +13,14 @@ import numpy as np
 
 from workbench import Analysis, Param, Result, hookimpl
 from workbench.analysis import AnalysisContext
+from workbench.hooknames import EMBED_HOOKS, matches
 
 DEFAULT_PATTERN = "blocks.*.hook_resid_post"
 
 
 def compute(ctx: AnalysisContext) -> Result:
-    from workbench.capturing.hooks import glob_to_regex  # the same globs as --hooks
-
     run = ctx.run
-    rx = glob_to_regex(ctx.params["pattern"])
-    names = [n for n in run.hooks if rx.match(n)]
+    names = [n for n in run.hooks if matches(ctx.params["pattern"], n)]  # the same globs as --hooks
     if not names:
         raise ValueError(f"no stored hook matches {ctx.params['pattern']!r}")
     rows: list[dict[str, Any]] = []
@@ -108,6 +106,6 @@ def register_commands(cli):
 
         with workbench.open_run(run_path) as run:
             for name in run.hooks:
-                if "resid" in name or name == "hook_embed":
+                if name in EMBED_HOOKS or matches("**.hook_resid_*", name):
                     norms = [np.linalg.norm(run.activation(name, i), axis=-1).mean() for i in range(len(run))]
                     click.echo(f"{name:40} {float(np.mean(norms)):10.4f}")

@@ -1,4 +1,5 @@
-"""Core plugin registering the model sources that ship with workbench (always loaded)."""
+"""The core plugin: registers the model sources that ship with workbench (always loaded, before
+any other plugin; ``workbench plugins`` lists it as ``core``)."""
 
 from __future__ import annotations
 

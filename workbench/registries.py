@@ -1,0 +1,97 @@
+"""The registries built from the plugins, and the entry points that need them.
+
+Models, analyses and views are contributed by plugins through registration hooks
+(:mod:`workbench.hookspecs`). The layers below define what a model source, an analysis and a view
+are and how each is used, and take a registry where they need one; this module, above the plugin
+manager (:mod:`workbench.plugins`), builds the registries from every plugin and offers the
+functions users call with a name (``workbench.load_model("tiny-gpt2")``, ``workbench.capture``
+with a model name, ``workbench.analyze``), which pass them down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from workbench.analysis import Analysis, AnalysisRegistry, Outcome
+from workbench.analysis import analyze as _analyze
+from workbench.analysis import reload_model as _reload_model
+from workbench.models import DEFAULT_MODEL, ModelRegistry, ModelSource
+from workbench.models import load_model as _load_model
+from workbench.plugins import call_each, collect_unique, plugin_manager, report_of
+from workbench.views import View, ViewRegistry
+
+if TYPE_CHECKING:
+    from workbench.models import BosPolicy
+    from workbench.models.model import Model
+    from workbench.store.reader import Run
+
+__all__ = ["analyze", "build_analyses", "build_registry", "build_views", "load_model",
+           "reload_model"]
+
+
+def build_registry(pm: pluggy.PluginManager | None = None) -> ModelRegistry:
+    """Collect every plugin's ``register_models`` (default: the process-wide plugin manager).
+    Each plugin is called on its own, so one that raises is reported (and skipped) without
+    losing the others' models."""
+    if pm is None:
+        pm = plugin_manager()
+    registry = ModelRegistry()
+    report = report_of(pm)
+
+    def kwargs_for(plugin: str) -> dict[str, Any]:
+        def register(source: ModelSource) -> None:
+            object.__setattr__(source, "plugin", plugin)
+            registry.add(source)
+            models = report.info(plugin).models
+            if source.name not in models:
+                models.append(source.name)
+
+        return {"register": register}
+
+    call_each(pm, "register_models", kwargs_for)
+    return registry
+
+
+def build_analyses(pm: pluggy.PluginManager | None = None) -> AnalysisRegistry:
+    """Collect every plugin's ``register_analyses``. A plugin that raises is reported and skipped;
+    two analyses with one name are both rejected, with an error naming both plugins."""
+    registry = AnalysisRegistry()
+    registry._by_name = collect_unique(pm or plugin_manager(), "register_analyses", Analysis,
+                                       "analysis", "analyses")
+    return registry
+
+
+def build_views(pm: pluggy.PluginManager | None = None) -> ViewRegistry:
+    """Collect every plugin's ``register_views``; a view name registered twice rejects both."""
+    registry = ViewRegistry()
+    registry.by_name = collect_unique(pm or plugin_manager(), "register_views", View, "view", "views")
+    return registry
+
+
+def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype: str = "float32",
+               bos: BosPolicy | None = None, progress: bool = True,
+               registry: ModelRegistry | None = None) -> Model:
+    """:func:`workbench.models.load_model` with every plugin's models: a registered name or
+    alias (``workbench models`` lists them), a Hugging Face id (``ORG/NAME``, ``hf:NAME``), a
+    local model folder or a ``.gguf`` file."""
+    return _load_model(name, device=device, dtype=dtype, bos=bos, progress=progress,
+                       registry=registry if registry is not None else build_registry())
+
+
+def reload_model(run: Run, device: str = "auto") -> Model:
+    """:func:`workbench.analysis.reload_model` with every plugin's models."""
+    return _reload_model(run, device, build_registry())
+
+
+def analyze(run: Run, analyses: list[Analysis], params: dict[str, dict[str, Any]] | None = None, *,
+            force: bool = False, device: str = "auto", model: Model | None = None,
+            progress: Callable[[Analysis, int, int], None] | None = None,
+            on_start: Callable[[Analysis], None] | None = None) -> list[Outcome]:
+    """:func:`workbench.analysis.analyze`, reloading the run's model (when an analysis needs it
+    and ``model`` is not given) from every plugin's models."""
+    registry = build_registry() if model is None and any(a.needs_model for a in analyses) else None
+    return _analyze(run, analyses, params, force=force, device=device, model=model,
+                    registry=registry, progress=progress, on_start=on_start)

@@ -1,0 +1,230 @@
+"""The file side of writing a run: one transaction from the lock to the atomic rename.
+
+A run is written as ``NAME.h5.partial`` under an exclusive lock on ``NAME.h5.lock``
+(:class:`RunLock`), and renamed to ``NAME.h5`` only once it is complete and durable.
+:class:`RunTransaction` does every step of that around a capture's batches, in order:
+
+1. :func:`check_output` (before anything is loaded): refuse an output that would clobber a run;
+2. take the lock (:meth:`RunTransaction.__enter__`);
+3. ``--resume``: a finished run with the same number of prompts is left as it is
+   (:meth:`RunTransaction.already_complete`); an interrupted one is checked against the new
+   capture's settings and prompts (:func:`check_resumable`, reading the old file's layout) and
+   continues after its committed prompts (:meth:`RunTransaction.resume_point`);
+4. check the free disk space (:meth:`RunTransaction.check_space`);
+5. open the :class:`~workbench.store.writer.RunWriter` (:meth:`RunTransaction.open_writer`),
+   first copying a resumed file's committed prompts into a fresh partial file;
+6. close, ``fsync`` and rename (:meth:`RunTransaction.finish`); a capture that fails before
+   committing anything leaves no file behind (the lock file stays while the run is unfinished).
+
+Numpy and h5py only (the run store's layer): no torch, no model, no capture.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from workbench.errors import UserError
+from workbench.paths import fsync_dir
+from workbench.store import schema as S
+from workbench.store.reader import lock_path, partial_path, read_ragged
+from workbench.store.settings import RunSettings
+from workbench.store.writer import RunWriter
+from workbench.version import __version__
+
+RESUME_KEYS = ("model", "family", "hooks", "storage_dtype", "compression", "top_k", "batch_size",
+               "bos", "truncate", "gates", "generation")
+"""Settings a resumed capture must share with the capture it continues."""
+
+
+def human_bytes(n: float) -> str:
+    """``1234567`` -> ``'1.2 MB'`` (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class RunLock:
+    """An exclusive flock on ``NAME.h5.lock`` for the whole capture: two writers never share a
+    run, and readers can tell a live capture from an interrupted one."""
+
+    def __init__(self, final: Path) -> None:
+        self.path = lock_path(final)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise UserError(f"another capture is writing {final} right now") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self, remove: bool) -> None:
+        if remove:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        os.close(self.fd)
+
+
+def check_output(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse, before anything is loaded or written, an output that would clobber a run."""
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume exclude each other")
+    if not out.parent.is_dir():
+        raise UserError(f"output folder {out.parent} does not exist")
+    if out.is_dir():
+        raise UserError(f"output {out} is a folder; give a file name such as {out / 'run.h5'}")
+    partial = partial_path(out)
+    if out.exists() and not (overwrite or resume):
+        raise UserError(f"{out} exists; --overwrite replaces it (only once the new run is complete) "
+                        "or --resume continues it")
+    if partial.exists() and not (overwrite or resume):
+        raise UserError(f"an interrupted capture exists at {partial}; --resume continues it, "
+                        "--overwrite starts again")
+
+
+def _settings_doc(old: Any) -> dict[str, Any]:
+    return dict(json.loads(old[S.META_SETTINGS][()].decode()))
+
+
+def check_resumable(old: Any, settings: dict[str, Any], prompts: Sequence[tuple[str, str]],
+                    partial: Path) -> int:
+    """How many prompts the interrupted run ``old`` (an open h5py file) has committed, once it is
+    clear the capture can continue it: the same :data:`RESUME_KEYS` settings, and ``prompts``
+    (``(id, text)`` of every prompt of the new capture) starting with the ones it holds."""
+    try:
+        old_settings = _settings_doc(old)
+        n_done = int(old[S.TOKEN_OFFSETS].shape[0]) - 1
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"{partial} is not a resumable workbench run ({exc})") from None
+    for key in RESUME_KEYS:
+        if old_settings.get(key) != settings.get(key):
+            raise UserError(f"cannot resume {partial}: setting {key!r} differs from the interrupted "
+                            f"capture ({S.dumps(old_settings.get(key))[:80]} vs "
+                            f"{S.dumps(settings.get(key))[:80]})")
+    if n_done > len(prompts):
+        raise UserError(f"cannot resume {partial}: it already holds {n_done} prompts, more than "
+                        f"the {len(prompts)} given")
+    for i in range(n_done):
+        old_id = read_ragged(old.__getitem__, S.PROMPT_ID, i).decode("utf-8")
+        old_text = read_ragged(old.__getitem__, S.PROMPT_TEXT, i).decode("utf-8")
+        if (old_id, old_text) != tuple(prompts[i]):
+            raise UserError(f"cannot resume {partial}: prompt {i} ({prompts[i][0]!r}) is not the "
+                            "one already captured; resume needs the same prompts in the same order")
+    return n_done
+
+
+class RunTransaction:
+    """Writing the run ``final`` (see the module docstring): a context manager that holds the
+    lock, and on leaving releases it (removing the lock file once the run is complete). Leaving
+    on an exception closes the writer, and deletes the file if nothing was committed to it."""
+
+    def __init__(self, final: Path, *, resume: bool) -> None:
+        self.final = final
+        self.partial = partial_path(final)
+        self.resume = resume
+        self.start_at = 0
+        """Prompts already committed by the interrupted capture this one continues."""
+        self.writer: RunWriter | None = None
+        self._old: Any = None  # the interrupted file, read-only, until its prompts are copied
+        self._lock: RunLock | None = None
+        self._done = False
+
+    def __enter__(self) -> RunTransaction:
+        self._lock = RunLock(self.final)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if exc_type is not None and self.writer is not None:
+                self.writer.close()
+                if self.writer.n_prompts == 0 and self.start_at == 0:
+                    self.writer.path.unlink(missing_ok=True)
+        finally:
+            if self._old is not None and self._old.id.valid:
+                self._old.close()
+            if self._lock is not None:
+                self._lock.release(remove=self._done)
+
+    def already_complete(self, n_prompts: int) -> int | None:
+        """With ``--resume`` and a finished run (no partial file): its prompt count when it holds
+        ``n_prompts`` (nothing is to be done); else ``UserError``. ``None`` in every other case."""
+        if not (self.resume and self.final.exists() and not self.partial.exists()):
+            return None
+        from workbench.store.reader import open_run
+
+        with open_run(self.final) as run:
+            if len(run) == n_prompts:
+                print(f"workbench: {self.final} is already complete ({len(run)} prompts)",
+                      file=sys.stderr)
+                self._done = True
+                return len(run)
+        raise UserError(f"{self.final} is complete with a different number of prompts; "
+                        "use --overwrite to capture again")
+
+    def resume_point(self, settings: RunSettings, prompts: Sequence[tuple[str, str]]) -> RunSettings:
+        """With ``--resume`` and an interrupted run: check it (:func:`check_resumable`), set
+        :attr:`start_at`, and return ``settings`` with the old run's ``run_id`` and one more
+        ``resumed`` record. Otherwise ``settings`` as they are."""
+        if not (self.resume and self.partial.exists()):
+            return settings
+        import h5py
+
+        self._old = h5py.File(self.partial, "r", swmr=True)
+        self.start_at = check_resumable(self._old, settings.to_dict(), prompts, self.partial)
+        old = _settings_doc(self._old)
+        resumed = [*old.get("resumed", []),
+                   {"at_prompt": self.start_at, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
+        return replace(settings, run_id=old.get("run_id", settings.run_id), resumed=resumed)
+
+    def check_space(self, new_bytes: int) -> None:
+        """Refuse to start when the folder has no room for ``new_bytes`` more (plus the copy of a
+        resumed file)."""
+        needed = new_bytes + (self.partial.stat().st_size if self._old is not None else 0)
+        free = shutil.disk_usage(self.final.parent).free
+        if needed * 1.02 + (16 << 20) > free:
+            raise UserError(f"the run needs about {human_bytes(needed)} but {self.final.parent} has "
+                            f"only {human_bytes(free)} free")
+
+    def open_writer(self, settings: RunSettings, **layout: Any) -> RunWriter:
+        """The writer of the partial file (``layout``: :class:`RunWriter`'s other keyword
+        arguments). A resumed run's committed prompts are copied into a fresh file first, which
+        then replaces the killed one (a killed SWMR file opens only read-only)."""
+        old = self._old
+        target = self.partial if old is None else self.partial.with_name(self.partial.name + ".tmp")
+        writer = RunWriter(target, settings=settings, tool_version=__version__, **layout)
+        if old is not None:
+            try:
+                writer.copy_committed(old, self.start_at)
+            except BaseException:
+                writer.close()
+                target.unlink(missing_ok=True)
+                raise
+            old.close()
+            writer.move_to(self.partial)  # the copy holds everything the killed file committed
+            fsync_dir(self.partial.parent)
+            print(f"workbench: resuming after {self.start_at} committed prompts", file=sys.stderr)
+        self.writer = writer
+        return writer
+
+    def finish(self) -> None:
+        """Close the complete run durably and rename it to its final name."""
+        assert self.writer is not None
+        self.writer.close()
+        os.replace(self.partial, self.final)
+        fsync_dir(self.final.parent)
+        self._done = True
