@@ -20,9 +20,9 @@ if TYPE_CHECKING:
     from workbench.analysis import Analysis, AnalysisContext, Param
     from workbench.interop import activation_cache
     from workbench.store.results import Result, StoredResult, result, results
-    from workbench.capturing import Prompt, capture
+    from workbench.capturing import Prompt
     from workbench.models import DEFAULT_MODEL, ModelSource, Provenance
-    from workbench.registries import analyze, load_model
+    from workbench.registries import analyze, capture, load_model
     from workbench.models.model import Model, ModelInfo, Prediction
     from workbench.store import Run, open_run
     from workbench.views import View
@@ -72,7 +72,7 @@ _LAZY = {
     "Model": "workbench.models.model",
     "ModelInfo": "workbench.models.model",
     "Prediction": "workbench.models.model",
-    "capture": "workbench.capturing",
+    "capture": "workbench.registries",
     "Prompt": "workbench.capturing",
     "open_run": "workbench.store",
     "Run": "workbench.store",

@@ -10,6 +10,7 @@ with a model name, ``workbench.analyze``), which pass them down.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -24,11 +25,12 @@ from workbench.plugins import call_each, collect_unique, plugin_manager, report_
 from workbench.views import View, ViewRegistry
 
 if TYPE_CHECKING:
+    from workbench.capturing.entry import CaptureResult
     from workbench.models import BosPolicy
     from workbench.models.model import Model
     from workbench.store.reader import Run
 
-__all__ = ["analyze", "build_analyses", "build_registry", "build_views", "load_model",
+__all__ = ["analyze", "build_analyses", "build_registry", "build_views", "capture", "load_model",
            "reload_model"]
 
 
@@ -79,6 +81,17 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype:
     local model folder or a ``.gguf`` file."""
     return _load_model(name, device=device, dtype=dtype, bos=bos, progress=progress,
                        registry=registry if registry is not None else build_registry())
+
+
+def capture(model: Model | str | Callable[[], Model], prompts: Any, **kwargs: Any) -> CaptureResult:
+    """:func:`workbench.capturing.capture` with a model name resolved against every plugin's
+    models (loaded after capture's own checks, like any loader function)."""
+    from workbench.capturing import capture as _capture
+
+    if isinstance(model, str):
+        model = functools.partial(load_model, model, device=kwargs.get("device", "auto"),
+                                  bos=kwargs.get("bos"))
+    return _capture(model, prompts, **kwargs)
 
 
 def reload_model(run: Run, device: str = "auto") -> Model:

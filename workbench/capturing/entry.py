@@ -175,7 +175,9 @@ def _check_arguments(batch_size: int, dtype: str, compression: str | None, predi
 
 
 def _load(model: Model | str | Callable[[], Model], device: str | None, bos: str | None) -> Model:
-    """The model to capture with: loaded by name, by the function given, or as given."""
+    """The model to capture with: loaded by name (among the models that ship with workbench;
+    ``workbench.capture`` passes a loader that knows every plugin's), by the function given, or
+    as given."""
     if isinstance(model, str):
         from workbench.models import load_model
 

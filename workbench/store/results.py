@@ -19,7 +19,7 @@ Layout of one result file (``docs/analyses.md`` documents each analysis's ``data
 - ``/data``: UTF-8 JSON, the result's ``data``;
 - ``/arrays/NAME``: one dataset per array.
 
-This module imports numpy and h5py, never torch.
+This module imports numpy, and h5py when a result file is read or written; never torch.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
 
 from workbench.errors import UserError
@@ -114,6 +113,8 @@ class StoredResult:
     @property
     def arrays(self) -> dict[str, np.ndarray]:
         if self._arrays is None:
+            import h5py
+
             with h5py.File(self.path, "r") as f:
                 group = f.get("arrays")
                 self._arrays = {k: group[k][()] for k in group} if group is not None else {}
@@ -142,7 +143,7 @@ class StoredResult:
         return out
 
 
-def _read_json(f: h5py.File, name: str) -> Any:
+def _read_json(f: Any, name: str) -> Any:
     raw = f[name][()]
     return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
 
@@ -150,6 +151,8 @@ def _read_json(f: h5py.File, name: str) -> Any:
 def load(path: Path) -> StoredResult:
     """Open one result file (meta and data; arrays lazily)."""
     try:
+        import h5py
+
         with h5py.File(path, "r") as f:
             if f.attrs.get("workbench") != MARKER:
                 raise UserError(f"{path} is not a workbench analysis result")
@@ -242,6 +245,8 @@ def save(run: Run, name: str, version: str, params: dict[str, Any], key: str, re
     final = folder / _file_name(name, version, key)
     tmp = folder / f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
     try:
+        import h5py
+
         with h5py.File(tmp, "w") as f:
             f.attrs["workbench"] = MARKER
             f.attrs["format"] = FORMAT

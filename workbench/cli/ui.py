@@ -1,0 +1,60 @@
+"""Commands that show runs: ``tui``, ``plot``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from workbench.cli.base import cli
+
+# --- terminal UI and plots -------------------------------------------------------------------
+
+
+@cli.command("tui")
+@click.argument("run_paths", metavar="[RUN]...", nargs=-1)
+@click.option("--view", type=click.Choice(["attention", "residual", "topk", "info", "results"]),
+              default="attention", show_default=True, help="The view to open on.")
+@click.option("--prompt", "prompt_index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Index of the prompt to open on.")
+@click.option("--export-dir", type=click.Path(file_okay=False, exists=True), default=".",
+              help="Where 's' saves SVG screenshots.  [default: the current folder]")
+def tui_cmd(run_paths: tuple[str, ...], view: str, prompt_index: int, export_dir: str) -> None:
+    """Browse runs in the terminal: prompts, tokens, attention heatmaps, residual-stream norms,
+    top-k predictions, metadata, and analysis results (with their plugins' views).
+
+    With no RUN, every run in the current folder (a run still being captured included: its
+    prompts appear as they are committed). Press ? in the app for the keys; ctrl+p for the
+    command palette. Does not import torch or TransformerLens.
+    """
+    from workbench.tui import make_app
+
+    app = make_app(list(run_paths), view=view, prompt=prompt_index, export_dir=Path(export_dir))
+    app.run()
+
+
+@cli.command("plot")
+@click.argument("run_path", metavar="RUN")
+@click.option("--kind", type=click.Choice(["attention", "residual"]), default="attention",
+              show_default=True, help="attention: one head's pattern; residual: norms per layer.")
+@click.option("--prompt", "prompt_index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Index of the prompt.")
+@click.option("--hook", default=None, help="Attention pattern hook (default: the first stored, "
+              "e.g. blocks.0.attn.hook_pattern).")
+@click.option("--layer", type=click.IntRange(min=0), default=None,
+              help="Shorthand for the pattern hook of this layer.")
+@click.option("--head", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Image file to write (.png, .svg, .pdf: matplotlib decides by the suffix).")
+def plot_cmd(run_path: str, kind: str, prompt_index: int, hook: str | None, layer: int | None,
+             head: int, out_path: str) -> None:
+    """Draw a heatmap from RUN with matplotlib (pip install 'workbench[plot]')."""
+    from workbench.plot import plot_attention, plot_residual
+    from workbench.store import open_run
+
+    with open_run(run_path) as run:
+        if kind == "attention":
+            plot_attention(run, prompt_index, out_path, hook=hook, layer=layer, head=head)
+        else:
+            plot_residual(run, prompt_index, out_path)
+    click.echo(f"wrote {out_path}")
