@@ -37,8 +37,8 @@ PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("*blocks.*.mlp.hook_pre", "*blocks.*.mlp.hook_post", "*blocks.*.hook_mlp_out"),
     ),
     "lens": (
-        ("what the logit lens and direct logit attribution need: residual stream (pre, mid, "
-         "post), per-head z, sublayer outputs, final-norm and post-norm scales"),
+        ("what direct logit attribution and the neuron analysis read: residual stream (pre, "
+         "mid, post), per-head z, sublayer outputs, final-norm and post-norm scales"),
         ("hook_embed", "hook_pos_embed", "*blocks.*.hook_resid_pre", "*blocks.*.hook_resid_mid",
          "*blocks.*.hook_resid_post", "*blocks.*.*attn.hook_z", "*blocks.*.hook_attn_out",
          "*blocks.*.hook_mlp_out", "*ln_final.hook_scale", "*blocks.*.ln1_post.hook_scale",
