@@ -120,7 +120,10 @@ DISTRIBUTION = Analysis(
     description="next-token softmax at several temperatures: entropy, top-k and top-p mass, seeded samples",
     version="1",
     compute=distribution_compute,
-    needs_model=True,  # the logits come from a forward pass on the stored tokens: no hooks, no LM outputs
+    needs_model=True,  # the logits come from a forward pass on the stored tokens: no hooks
+    # It reads no stored loss or top-k, but a run holds them exactly when its model has a trained
+    # LM head: without one, temperatures and samples of its logits would be noise.
+    needs_lm_outputs=True,
     families=("decoder",),
     params=(Param("position", int, -1, "token position whose next-token distribution is shown"),
             Param("temperatures", str, "0,0.5,1,2", "comma-separated temperatures (0 = greedy)"),

@@ -146,7 +146,7 @@ def induction_scores(model: Any, n: int, length: int, seed: int,
     import torch
 
     tokens, n_prefix = repeated_sequences(model, n, length, seed)
-    names = [h for h in model.hook_names if matches("blocks.*.attn.hook_pattern", h)]
+    names = [h for h in model.hook_names if matches("blocks.*.*attn.hook_pattern", h)]
     row: dict[str, list[np.ndarray]] = {h: [] for h in names}
     tl: dict[str, list[np.ndarray]] = {h: [] for h in names}
     first, second = [], []

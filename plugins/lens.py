@@ -47,6 +47,7 @@ from workbench_plugins.readout import (
 from workbench import hookimpl
 from workbench.analysis import Analysis, AnalysisContext, Param, Result
 from workbench.errors import UserError
+from workbench.hooknames import resid_pre
 from workbench.views import View, lazy_view
 
 if TYPE_CHECKING:
@@ -99,8 +100,8 @@ def _metric_name(t: dict[str, Any]) -> str:
 
 # --- logit lens ---------------------------------------------------------------------------------
 
-RESID_POST = "blocks.*.hook_resid_post"
-EMBED_ROW = "blocks.0.hook_resid_pre"
+RESID_POST = "blocks.*.hook_resid_post"  # every layer's output
+EMBED_ROW = resid_pre(0)  # the embedding, as the first block reads it
 
 
 def _check_attributable(ctx: AnalysisContext) -> None:
@@ -198,7 +199,8 @@ def lens_compute(ctx: AnalysisContext) -> Result:
 
 def lens_text(result: Result) -> str:
     d = result.data
-    lines = [f"logit lens: {len(d['layers']) - 1} layers, {d['n_prompts']} prompts; the last layer's lens is "
+    n_layers = len([x for x in d["layers"] if x != "embed"])  # the embedding row only where stored
+    lines = [f"logit lens: {n_layers} layers, {d['n_prompts']} prompts; the last layer's lens is "
              f"the model's output (KL to its forward pass at most {d['max_kl_to_model']:.1e} nats)"
              if d["max_kl_to_model"] is not None else "logit lens: no prompts"]
     for p in d["prompts"][:5]:
@@ -243,7 +245,7 @@ def dla_compute(ctx: AnalysisContext) -> Result:
     model = ctx.model()
     ro = Readout(model)
     n_layers = ro.n_layers
-    n_heads = int(ro._get("W_O", 0).shape[0])
+    n_heads = int(ro.get("W_O", 0).shape[0])
     P = len(ctx.prompts)
     arrays = {"embed": np.full(P, np.nan), "pos_embed": np.full(P, np.nan),
               "heads": np.full((P, n_layers, n_heads), np.nan), "attn_bias": np.full((P, n_layers), np.nan),
@@ -348,7 +350,7 @@ def neurons_compute(ctx: AnalysisContext) -> Result:
         wanted = [(int(m.group(1)), int(m.group(2)))]
     model = ctx.model()
     ro = Readout(model)
-    d_mlp = int(ro._get("W_out", 0).shape[0])
+    d_mlp = int(ro.get("W_out", 0).shape[0])
     for layer, n in wanted:
         if not (0 <= layer < ro.n_layers and 0 <= n < d_mlp):
             raise UserError(f"neuron L{layer}N{n} does not exist ({ro.n_layers} layers of {d_mlp} neurons)")

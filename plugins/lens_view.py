@@ -97,8 +97,12 @@ class LensGridView(PromptView):
                         + f" → {int(ranks[-1])} (every {max(1, len(labels) // 8)} layers)"
                         + (f"; first top-1 after layer {first}" if first else ""))
         kl = self.arrays["kl"][t]
-        text.append(f"\nKL(final || layer): embed {kl[0]:.2f}, middle {kl[len(kl) // 2]:.2f}, "
-                    f"next-to-last {kl[-2]:.3f} nats", style="dim")
+        parts = [f"{labels[0] if labels[0] == 'embed' else 'layer ' + labels[0]} {kl[0]:.2f}"]
+        if len(kl) > 2:
+            parts.append(f"middle {kl[len(kl) // 2]:.2f}")
+        if len(kl) > 1:
+            parts.append(f"next-to-last {kl[-2]:.3f}")
+        text.append(f"\nKL(final || layer): {', '.join(parts)} nats", style="dim")
         return text
 
 

@@ -123,7 +123,7 @@ class Readout:
 
     # --- weights, float64 ------------------------------------------------------------------------
 
-    def _get(self, key: str, layer: int) -> Any:
+    def get(self, key: str, layer: int) -> Any:
         if (key, layer) not in self._cache:
             block = self.bridge.blocks[layer]
             if key == "W_O":
@@ -144,7 +144,7 @@ class Readout:
     def post_norm(self, layer: int, which: str) -> Norm | None:
         """Gemma-style per-sublayer post-norm (``ln1_post`` after attention, ``ln2_post`` after
         the MLP), or None."""
-        return self._get(which, layer)  # type: ignore[no-any-return]
+        return self.get(which, layer)  # type: ignore[no-any-return]
 
     def direction(self, target: int, wrong: int | None = None) -> tuple[np.ndarray, float]:
         """``(v, c)`` such that, for a residual vector ``x`` with final-norm scale ``s``,
@@ -216,8 +216,7 @@ def check_pre_norm(run: Run, i: int = 0, pos: int = -1) -> float:
     BERT normalise after each sublayer, so a logit is no sum of component terms). Returns the
     relative error of ``embed + pos_embed + sum(attn_out + mlp_out)`` against the stored final
     residual."""
-    family = run.settings.get("family") or run.model_info.get("family")
-    name = (run.settings.get("model") or {}).get("name") or run.model_info.get("name")
+    family, name = run.family, run.model_name
     if family != "decoder":
         raise UserError(f"{name} is an {family} model: BERT-style encoders normalise after each sublayer "
                         "(post-norm), so the logit is not a sum of component contributions; workbench refuses "
@@ -262,8 +261,8 @@ def attribute(run: Run, ro: Readout, i: int, pos: int, target: int, wrong: int |
     attn_error = 0.0
     for layer in range(n_layers):
         z = _vec(run, f"blocks.{layer}.attn.hook_z", i, pos)  # (heads, d_head)
-        per_head = np.einsum("hd,hdm->hm", z, ro._get("W_O", layer))  # (heads, d_model)
-        per_head, bias_vec = _through_post(run, ro, i, pos, layer, "ln1_post", per_head, ro._get("b_O", layer))
+        per_head = np.einsum("hd,hdm->hm", z, ro.get("W_O", layer))  # (heads, d_model)
+        per_head, bias_vec = _through_post(run, ro, i, pos, layer, "ln1_post", per_head, ro.get("b_O", layer))
         stored = _vec(run, f"blocks.{layer}.hook_attn_out", i, pos)
         attn_error = max(attn_error, _rel(per_head.sum(0) + bias_vec - stored, stored))
         heads.append(term(per_head))
@@ -289,8 +288,8 @@ def neuron_terms(run: Run, ro: Readout, i: int, pos: int, target: int, wrong: in
     bias_terms, mlp_terms = np.zeros(ro.n_layers), np.zeros(ro.n_layers)
     for layer in range(ro.n_layers):
         a = _vec(run, f"blocks.{layer}.mlp.hook_post", i, pos)
-        rows, bias_vec = _through_post(run, ro, i, pos, layer, "ln2_post", ro._get("W_out", layer),
-                                       ro._get("b_out", layer))  # rows: (d_mlp, d_model)
+        rows, bias_vec = _through_post(run, ro, i, pos, layer, "ln2_post", ro.get("W_out", layer),
+                                       ro.get("b_out", layer))  # rows: (d_mlp, d_model)
         effect = ro.through_final(rows, final_scale, v)  # (d_mlp,)
         terms.append(a * effect)
         acts.append(a)
@@ -305,7 +304,7 @@ def promoted_tokens(ro: Readout, layer: int, neuron: int, k: int) -> tuple[list[
     ``(top ids, their values, bottom ids, values)``."""
     import torch
 
-    row = ro._get("W_out", layer)[neuron]
+    row = ro.get("W_out", layer)[neuron]
     post = ro.post_norm(layer, "ln2_post")
     if post is not None:
         row = post.linear(row, 1.0)

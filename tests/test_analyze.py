@@ -301,7 +301,7 @@ def test_analyze_list_states_exactly_what_each_analysis_reads():
     assert described["next-token"]["reads"] == {"hooks": [], "optional_hooks": [], "presets": {},
                                                 "lm_outputs": True, "task": [], "model": False}
     assert described["answer"]["reads"]["task"] == ["answer"]
-    assert described["distribution"]["reads"]["hooks"] == [] and not described["distribution"]["reads"]["lm_outputs"]
+    assert described["distribution"]["reads"]["hooks"] == [] and described["distribution"]["reads"]["lm_outputs"]
 
     text = CliRunner().invoke(cli, ["analyze", "--list"], prog_name="workbench").output
     by_name: dict[str, list[str]] = {}  # analysis -> its indented lines

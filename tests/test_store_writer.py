@@ -201,3 +201,44 @@ def test_a_commit_needs_every_activation_of_its_batches_written(tmp_path):
     with h5py.File(tmp_path / "r.h5", "r") as f:
         assert f[S.TOKEN_OFFSETS][()].tolist() == [0, 3]
         assert f["acts/hook_embed"].shape == (3, 4)
+
+
+# --- the typed settings contract ------------------------------------------------------------------
+
+
+def _rewrite_settings(path, change) -> None:
+    import json
+
+    with h5py.File(path, "r+") as f:
+        doc = json.loads(f[S.META_SETTINGS][()].decode())
+        change(doc)
+        raw = json.dumps(doc).encode()
+        del f[S.META_SETTINGS]
+        f.create_dataset(S.META_SETTINGS, data=np.array(raw, dtype=h5py.string_dtype("utf-8", len(raw))))
+
+
+def test_settings_are_typed_and_versioned(tmp_path):
+    from workbench.errors import UserError
+    from workbench.store.settings import SETTINGS_VERSION, RunSettings
+
+    path = write_synthetic_run(tmp_path / "s.h5", n_prompts=2)
+    with open_run(path) as run:
+        s = run.capture_settings
+        assert isinstance(s, RunSettings) and s.settings_version == SETTINGS_VERSION
+        assert (run.family, run.model_name, s.top_k, s.lm_target) == ("decoder", "synthetic", 5, "next")
+        assert RunSettings.from_dict(s.to_dict()) == s  # the document round-trips
+
+    # A run from before the settings were versioned: no version, no family, no model, no BOS.
+    def old(doc):
+        for key in ("settings_version", "family", "model", "bos"):
+            doc.pop(key)
+
+    _rewrite_settings(path, old)
+    with open_run(path) as run:
+        s = run.capture_settings
+        assert s.settings_version == 0 and s.bos is None  # a reload takes the source's default
+        assert (run.family, run.model_name) == ("decoder", "synthetic")  # from model_info
+
+    _rewrite_settings(path, lambda doc: doc.update(settings_version=SETTINGS_VERSION + 1))
+    with pytest.raises(UserError, match=r"settings are version 2; .* \(upgrade workbench\)"):
+        open_run(path)

@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -216,8 +216,8 @@ def default_text(result: Result) -> str:
 class AnalysisRegistry:
     """Every registered analysis by name."""
 
-    def __init__(self) -> None:
-        self._by_name: dict[str, Analysis] = {}
+    def __init__(self, by_name: dict[str, Analysis] | None = None) -> None:
+        self._by_name: dict[str, Analysis] = dict(by_name or {})
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(sorted(self._by_name.values(), key=lambda a: a.name))

@@ -57,6 +57,7 @@ EMBED_HOOKS = ("hook_embed", "embed.hook_out")
 _RESID_SUBLAYER = {"hook_resid_pre": 0, "hook_resid_mid": 1, "hook_resid_post": 2}
 _RESID_RE = re.compile(r"(?:encoder_)?blocks\.(\d+)\.(hook_resid_(?:pre|mid|post))")
 _LAYER_RE = re.compile(r"(?:^|\.|_)blocks\.(\d+)\.")
+_INDEX_RE = re.compile(r"(^|\.)(\d+)(?=\.)")
 
 
 @functools.lru_cache(maxsize=256)
@@ -94,6 +95,12 @@ def preset_patterns(name: str) -> tuple[str, ...] | None:
 def matches(pattern: str, name: str) -> bool:
     """Whether hook ``name`` matches glob ``pattern``."""
     return glob_to_regex(pattern).match(name) is not None
+
+
+def collapse_layers(name: str) -> str:
+    """A hook name with its layer indices as ``*``: ``blocks.3.attn.hook_q`` ->
+    ``blocks.*.attn.hook_q`` (listings group the layers of one hook this way)."""
+    return _INDEX_RE.sub(r"\1*", name)
 
 
 def layer_of(name: str) -> int | None:

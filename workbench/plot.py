@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from workbench.errors import UserError
+from workbench.hooknames import layer_of
 
 if TYPE_CHECKING:
     from workbench.store.reader import Run
@@ -56,7 +57,7 @@ def plot_attention(run: Run, i: int, out: str, *, hook: str | None = None, layer
         if layer is None:
             hook = hooks[0]
         else:
-            named = [h for h in hooks if h.split(".")[1:2] == [str(layer)]]
+            named = [h for h in hooks if layer_of(h) == layer]
             if not named:
                 raise UserError(f"no attention pattern of layer {layer} in this run "
                                 f"(stored: {', '.join(hooks[:4])}{' ...' if len(hooks) > 4 else ''})")

@@ -60,10 +60,8 @@ def build_registry(pm: pluggy.PluginManager | None = None) -> ModelRegistry:
 def build_analyses(pm: pluggy.PluginManager | None = None) -> AnalysisRegistry:
     """Collect every plugin's ``register_analyses``. A plugin that raises is reported and skipped;
     two analyses with one name are both rejected, with an error naming both plugins."""
-    registry = AnalysisRegistry()
-    registry._by_name = collect_unique(pm or plugin_manager(), "register_analyses", Analysis,
-                                       "analysis", "analyses")
-    return registry
+    return AnalysisRegistry(collect_unique(pm or plugin_manager(), "register_analyses", Analysis,
+                                           "analysis", "analyses"))
 
 
 def build_views(pm: pluggy.PluginManager | None = None) -> ViewRegistry:
@@ -84,8 +82,11 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype:
 
 
 def capture(model: Model | str | Callable[[], Model], prompts: Any, **kwargs: Any) -> CaptureResult:
-    """:func:`workbench.capturing.capture` with a model name resolved against every plugin's
-    models (loaded after capture's own checks, like any loader function)."""
+    """:func:`workbench.capturing.capture` (every keyword argument is its: ``hooks``, ``out``,
+    ``batch_size``, ``dtype``, ``generate``, ``resume``, ...; see its documentation) with a model
+    name resolved against every plugin's models, loaded after capture's own checks. (Defined here
+    rather than re-exported so that naming a plugin's model works; the capture module is imported
+    on the first call, which keeps ``workbench --help`` free of h5py.)"""
     from workbench.capturing import capture as _capture
 
     if isinstance(model, str):

@@ -15,10 +15,10 @@ tensors to store), ``prompts`` (prompt files and ids). The writer thread and the
 are the run store's (``workbench.store.writer_thread``, ``workbench.store.transaction``).
 """
 
-from workbench.capturing.hooks import PRESETS
-from workbench.capturing.prompts import Prompt, load_prompts_file
 from workbench.capturing.entry import CaptureInterrupted, CaptureResult, capture
+from workbench.capturing.hooks import PRESETS
 from workbench.capturing.plan import CapturePlan
+from workbench.capturing.prompts import Prompt, load_prompts_file
 
 __all__ = ["PRESETS", "CaptureInterrupted", "CapturePlan", "CaptureResult", "Prompt", "capture",
            "load_prompts_file"]

@@ -28,14 +28,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from workbench.errors import UserError
-from workbench.hooknames import PRESETS, glob_to_regex, is_glob
+from workbench.hooknames import PRESETS, collapse_layers, glob_to_regex, is_glob
 from workbench.store.schema import DEC, MAIN, HookSpec
 
 if TYPE_CHECKING:
     from workbench.models.model import Model
-
-def _collapse(name: str) -> str:
-    return re.sub(r"(^|\.)(\d+)(?=\.)", r"\1*", name)
 
 
 @dataclass
@@ -81,8 +78,8 @@ def select(model: Model, items: list[str] | tuple[str, ...]) -> Selection:
         rx = glob_to_regex(item)
         matched = [n for n in all_names if rx.match(n)]
         if not matched:
-            collapsed = sorted({_collapse(n) for n in all_names})
-            close = difflib.get_close_matches(_collapse(item), collapsed, n=4, cutoff=0.5)
+            collapsed = sorted({collapse_layers(n) for n in all_names})
+            close = difflib.get_close_matches(collapse_layers(item), collapsed, n=4, cutoff=0.5)
             hint = f"; close: {', '.join(close)}" if close else ""
             raise UserError(
                 f"hook pattern {item!r} matches no hook of {model.name}{hint} "

@@ -263,7 +263,7 @@ def build_settings(plan: CapturePlan, hooks_requested: list[str], truncate: bool
         model=RecordedModel(name=info.name, provenance=info.provenance.to_dict(), dtype=info.dtype),
         family=plan.family,
         # Every hook name of the model, so that whether a run holds what an analysis needs can
-        # be decided later without the model (``workbench.analysis.missing_hooks``).
+        # be decided later without the model (``workbench.analysis.missing_inputs``).
         model_hooks=all_names,
         gated_hooks=[n for n in all_names if model.gated_hook_reason(n) is not None],
         unstorable_hooks=[name for name, _ in plan.hooks.skipped],

@@ -19,16 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import UserError
+from workbench.store.schema import default_prompt_id
+
+__all__ = ["TASK_FIELDS", "Prompt", "command_line_prompts", "default_prompt_id", "normalize"]
 
 TASK_FIELDS = ("answer", "wrong", "corrupted")
-
-
-def default_prompt_id(index: int) -> str:
-    """``p<index>``: :func:`workbench.store.schema.default_prompt_id`, imported only when needed
-    (the store package imports h5py, which the model-free commands never load)."""
-    from workbench.store.schema import default_prompt_id as make
-
-    return make(index)
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,7 @@ def generate(model: Model, prompts: list[list[int]], n: int, settings: SamplingS
     up to rounding. A row stops early once it samples ``stop_token``."""
     import torch
 
-    from workbench.store.schema import GEN_FIELDS  # (the store package imports h5py)
+    from workbench.store.schema import GEN_FIELDS
 
     seqs = [list(p) for p in prompts]
     rngs = []

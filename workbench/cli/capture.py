@@ -56,7 +56,7 @@ def demo_cmd(model_name: str, device: str, bos: str | None, out: str, open_tui: 
             top = [TopToken(int(t), model.tokenizer.decode([int(t)]), float(np.exp(lp)), float("nan"))
                    for t, lp in zip(top_ids[-1, :5], top_lp[-1, :5])]
             pred = Prediction(prompt=run.prompt(k), token_ids=ids, str_tokens=run.str_tokens(k),
-                              position=len(ids) - 1, top=top, bos_policy=run.settings["bos"])
+                              position=len(ids) - 1, top=top, bos_policy=run.capture_settings.bos)
             print_prediction(console, pred, show_ids=True)
             answer = run.metadata(k).get("answer")
             if answer is not None:
@@ -228,18 +228,18 @@ def inspect_cmd(run_path: str, as_json: bool, n_show: int) -> None:
             return
         info = run.model_info
         prov = info.get("provenance") or {}
-        settings = run.settings
+        settings = run.capture_settings
         click.echo(f"run      {run.path}  [{run.status}]  {run.size_bytes() / 1e6:,.1f} MB")
         click.echo(f"model    {info['name']}: {info['family']} {info['architecture']}, "
                    f"{info['n_layers']} layers, d_model {info['d_model']}; "
                    f"{prov.get('quantization') or prov.get('source')}")
         counts = ", ".join(f"{run.n_tokens_total(s):,} {s.replace('_', ' ')}" for s in run.streams)
         click.echo(f"prompts  {len(run):,} of {run.planned_prompts:,} committed, {counts}; "
-                   f"BOS policy '{settings.get('bos')}'")
+                   f"BOS policy '{settings.bos}'")
         lm = "yes" if run.has_lm_outputs else "no (the model has no LM head)"
-        click.echo(f"storage  {run.storage_dtype}, {settings.get('compression') or 'no'} compression, "
-                   f"{len(run.hooks)} stored tensors; loss and top-{settings.get('top_k')}: {lm}")
-        click.echo(f"hooks    requested: {' '.join(settings.get('hooks_requested') or [])}")
+        click.echo(f"storage  {run.storage_dtype}, {settings.compression or 'no'} compression, "
+                   f"{len(run.hooks)} stored tensors; loss and top-{settings.top_k}: {lm}")
+        click.echo(f"hooks    requested: {' '.join(settings.hooks_requested)}")
         for pattern, n in hook_patterns(list(run.hooks)):
             click.echo(f"           {pattern}" + (f"  x{n}" if n > 1 else ""))
         for p in summary["first_prompts"]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
 import click
 
 from workbench.cli.base import BOS_CHOICE, cli, load_with_spinner, make_console, model_option
+from workbench.hooknames import collapse_layers
 
 # --- models -------------------------------------------------------------------------------------
 
@@ -84,7 +84,7 @@ def hook_patterns(names: list[str]) -> list[tuple[str, int]]:
     """Collapse layer indices: ``blocks.{0..29}.attn.hook_q`` -> (``blocks.*.attn.hook_q``, 30)."""
     counts: dict[str, int] = {}
     for name in names:
-        pattern = re.sub(r"(^|\.)(\d+)(?=\.)", r"\1*", name)
+        pattern = collapse_layers(name)
         counts[pattern] = counts.get(pattern, 0) + 1
     return list(counts.items())
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from workbench.errors import ModelUnavailable, UserError
+from workbench.errors import ModelNotFound, ModelUnavailable, UserError
 from workbench.models.registry import (
     BOS_POLICIES,
     BosPolicy,
@@ -94,8 +94,14 @@ def load_model(
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if bos is not None and bos not in BOS_POLICIES:
         raise UserError(f"unknown BOS policy {bos!r}; choose one of {', '.join(BOS_POLICIES)}")
-    registry = registry if registry is not None else sources.builtin_registry()
-    source = sources.resolve(name, registry)
+    if registry is None:
+        try:
+            source = sources.resolve(name, sources.builtin_registry())
+        except ModelNotFound as exc:
+            raise ModelNotFound(f"{exc}; workbench.models.load_model without a registry knows the "
+                                "built-in models only: workbench.load_model knows every plugin's") from None
+    else:
+        source = sources.resolve(name, registry)
     problem = source.availability()
     if problem:
         raise ModelUnavailable(f"model {source.name} is not available here: {problem}")

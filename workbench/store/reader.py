@@ -23,7 +23,7 @@ import numpy as np
 
 from workbench.errors import UserError
 from workbench.store import schema as S
-from workbench.store.settings import RunSettings
+from workbench.store.settings import NewerSettings, RunSettings
 
 
 def partial_path(path: Path) -> Path:
@@ -119,6 +119,9 @@ class Run:
         except UserError:
             self.f.close()
             raise
+        except NewerSettings as exc:
+            self.f.close()
+            raise UserError(f"{path}: {exc}") from None
         except (KeyError, OSError, ValueError, TypeError) as exc:
             self.f.close()
             raise UserError(f"{path} is a damaged workbench run ({exc})") from None

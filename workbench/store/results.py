@@ -38,7 +38,6 @@ import numpy as np
 
 from workbench.errors import UserError
 from workbench.paths import fsync_dir
-
 from workbench.version import __version__
 
 if TYPE_CHECKING:

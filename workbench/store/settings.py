@@ -18,6 +18,10 @@ from typing import Any
 SETTINGS_VERSION = 1
 """Version of the settings document this code writes (and the newest it reads)."""
 
+
+class NewerSettings(ValueError):
+    """A settings document written by a newer workbench."""
+
 FAMILIES = ("decoder", "encoder", "encoder-decoder")
 
 
@@ -58,9 +62,12 @@ class RunSettings:
     top_k: int = 0
     """Predictions stored per position (0: no LM outputs)."""
     lm_target: str = "next"
-    """``next`` (decoders), ``masked``/``token`` (encoders), ``decoder`` (encoder–decoders)."""
+    """What the loss and predictions at a position are about: ``next`` (the next token: decoders,
+    and an encoder–decoder's decoder stream) or ``same`` (the token at that position: encoders)."""
     batch_size: int = 1
-    bos: str = "tokenizer"
+    bos: str | None = None
+    """The BOS policy prompts were tokenized with; ``None`` in runs that did not record it (a
+    reload then uses the model source's default)."""
     truncate: bool = False
     generation: dict[str, Any] | None = None
     padding: str = ""
@@ -90,8 +97,8 @@ class RunSettings:
         info = model_info or {}
         version = int(doc.get("settings_version", 0))
         if version > SETTINGS_VERSION:
-            raise ValueError(f"settings version {version} is newer than this reader's "
-                             f"{SETTINGS_VERSION}")
+            raise NewerSettings(f"its settings are version {version}; this workbench reads up to "
+                                f"{SETTINGS_VERSION} (upgrade workbench)")
         known = {f.name for f in fields(cls)}
         nullable = {"model_hooks", "compression", "generation"}
         values = {k: v for k, v in doc.items() if k in known and (v is not None or k in nullable)}

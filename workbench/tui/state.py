@@ -21,7 +21,7 @@ class Focus:
     key: int = 0
     """Key column of the attention view's cursor."""
     pattern: int = 0
-    """Index into the run's attention patterns (:func:`workbench.tui.render.pattern_hooks`)."""
+    """Index into the run's attention patterns (:func:`workbench.store.depth.pattern_hooks`)."""
     head: int = 0
     point: int = 0
     """Row of the residual-norm view (a point of the residual stream)."""

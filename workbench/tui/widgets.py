@@ -273,7 +273,7 @@ class InfoView(RunView):
 
     def draw(self, run: Run, focus: Focus, width: int, height: int) -> Any:
         info = run.model_info
-        s = run.settings
+        s = run.capture_settings
         n_kv = info.get("n_kv_heads")
         kv = f" ({n_kv} KV)" if n_kv not in (None, info.get("n_heads")) else ""
         table = Table.grid(padding=(0, 2))
@@ -289,11 +289,11 @@ class InfoView(RunView):
             ("provenance", json.dumps(info.get("provenance"), default=str)),
             ("BOS", json.dumps(info.get("bos"), default=str)),
             ("stored", f"{len(run.hooks)} tensors, {run.storage_dtype}, compression "
-                       + str(s.get("compression") or "none")),
-            ("requested", ", ".join(map(str, s.get("hooks_requested") or []))),
-            ("LM outputs", f"loss + top-{s.get('top_k')} ({run.lm_target})" if run.has_lm_outputs else "none"),
-            ("generation", json.dumps(s.get("generation")) if s.get("generation") else "none"),
-            ("versions", ", ".join(f"{k} {v}" for k, v in (s.get("versions") or {}).items())),
+                       + str(s.compression or "none")),
+            ("requested", ", ".join(map(str, s.hooks_requested))),
+            ("LM outputs", f"loss + top-{s.top_k} ({run.lm_target})" if run.has_lm_outputs else "none"),
+            ("generation", json.dumps(s.generation) if s.generation else "none"),
+            ("versions", ", ".join(f"{k} {v}" for k, v in s.versions.items())),
             ("run id", run.run_id),
         ]
         for k, v in rows:
