@@ -7,8 +7,6 @@ Every accessor reads only the slice it needs.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import itertools
 import json
 import os
@@ -23,32 +21,10 @@ import numpy as np
 
 from workbench.errors import UserError
 from workbench.store import schema as S
+from workbench.store.files import final_name, lock_path, partial_path, writer_alive
 from workbench.store.settings import NewerSettings, RunSettings
 
-
-def partial_path(path: Path) -> Path:
-    return path.with_name(path.name + S.PARTIAL_SUFFIX)
-
-
-def lock_path(path: Path) -> Path:
-    return path.with_name(path.name + S.LOCK_SUFFIX)
-
-
-def writer_alive(final_path: Path) -> bool:
-    """Whether a capture process holds the run's lock (flock is released when a process dies,
-    even by ``kill -9``)."""
-    lp = lock_path(final_path)
-    try:
-        fd = os.open(lp, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as exc:
-        return exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
-    finally:
-        os.close(fd)
-    return False
+__all__ = ["Run", "lock_path", "open_run", "partial_path", "read_ragged", "writer_alive"]
 
 
 def read_ragged(get: Callable[[str], h5py.Dataset], name: str, i: int) -> bytes:
@@ -56,10 +32,6 @@ def read_ragged(get: Callable[[str], h5py.Dataset], name: str, i: int) -> bytes:
     ``get`` returns a dataset by name (``h5py.File.__getitem__``, or a run's refreshed handles)."""
     start, end = get(S.offsets_name(name))[i : i + 2]
     return bytes(get(name)[start:end])
-
-
-def _final_name(path: Path) -> Path:
-    return path.with_name(path.name[: -len(S.PARTIAL_SUFFIX)]) if path.name.endswith(S.PARTIAL_SUFFIX) else path
 
 
 def _open(path: Path, swmr: bool, wait: float = 5.0) -> h5py.File:
@@ -85,7 +57,7 @@ class Run:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.final_path = _final_name(path)
+        self.final_path = final_name(path)
         self.is_partial = path.name.endswith(S.PARTIAL_SUFFIX)
         try:
             self.f = _open(path, swmr=self.is_partial)

@@ -36,7 +36,8 @@ from typing import Any
 from workbench.errors import UserError
 from workbench.paths import fsync_dir
 from workbench.store import schema as S
-from workbench.store.reader import lock_path, partial_path, read_ragged
+from workbench.store.files import lock_path, partial_path
+from workbench.store.reader import read_ragged
 from workbench.store.settings import RunSettings
 from workbench.store.writer import RunWriter
 from workbench.version import __version__
