@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from workbench.errors import UserError
+from workbench.hooknames import resid_post, resid_pre
 
 if TYPE_CHECKING:
     from workbench.models.model import Model
@@ -43,7 +44,7 @@ def token_position(run: Run, i: int, position: int) -> int | None:
 def layer_count(run: Run) -> int:
     """Blocks of the run's model (counted from the stored residual stream)."""
     n = 0
-    while f"blocks.{n}.hook_resid_post" in run.aliases:
+    while resid_post(n) in run.aliases:
         n += 1
     return n
 
@@ -51,11 +52,11 @@ def layer_count(run: Run) -> int:
 def residual_rows(run: Run) -> tuple[list[str], list[str]]:
     """(labels, hooks) of the residual stream's stored rows: ``embed`` (``blocks.0.hook_resid_pre``,
     where the run has it), then the output of every layer (``blocks.L.hook_resid_post``)."""
-    labels = ["embed"] if "blocks.0.hook_resid_pre" in run.aliases else []
-    hooks = ["blocks.0.hook_resid_pre"] if labels else []
+    labels = ["embed"] if resid_pre(0) in run.aliases else []
+    hooks = [resid_pre(0)] if labels else []
     for layer in range(layer_count(run)):
         labels.append(str(layer))
-        hooks.append(f"blocks.{layer}.hook_resid_post")
+        hooks.append(resid_post(layer))
     return labels, hooks
 
 
@@ -222,7 +223,7 @@ def check_pre_norm(run: Run, i: int = 0, pos: int = -1) -> float:
                         "(post-norm), so the logit is not a sum of component contributions; workbench refuses "
                         "rather than show wrong numbers (logit lens and attribution need a pre-norm decoder)")
     n_layers = layer_count(run)
-    final = _vec(run, f"blocks.{n_layers - 1}.hook_resid_post", i, pos)
+    final = _vec(run, resid_post(n_layers - 1), i, pos)
     total = _vec(run, "hook_embed", i, pos)
     if "hook_pos_embed" in run.aliases:
         total = total + _vec(run, "hook_pos_embed", i, pos)
@@ -241,7 +242,7 @@ def attribute(run: Run, ro: Readout, i: int, pos: int, target: int, wrong: int |
     v, const = ro.direction(target, wrong)
     n_layers = ro.n_layers
     final_scale = _scale(run, "ln_final.hook_scale", i, pos)
-    final_resid = run.activation(f"blocks.{n_layers - 1}.hook_resid_post", i)[pos : pos + 1]
+    final_resid = run.activation(resid_post(n_layers - 1), i)[pos : pos + 1]
     logits = ro.logits(final_resid)[0]
     actual = float(logits[target]) - (float(logits[wrong]) if wrong is not None else 0.0)
 

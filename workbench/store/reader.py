@@ -168,11 +168,6 @@ class Run:
         """The name the run's model was loaded by (``workbench models``)."""
         return self.capture_settings.model_name
 
-    @property
-    def is_causal(self) -> bool:
-        """Whether the main stream's attention is causal (decoders); encoders attend both ways."""
-        return self.family == "decoder"
-
     @cached_property
     def hooks(self) -> dict[str, S.HookSpec]:
         """Stored tensors by dataset name."""

@@ -38,6 +38,7 @@ import numpy as np
 
 from workbench.errors import UserError
 from workbench.paths import fsync_dir
+from workbench.store.files import final_name
 from workbench.version import __version__
 
 if TYPE_CHECKING:
@@ -52,8 +53,7 @@ def results_dir(run: Run | Path) -> Path:
     """The folder holding a run's results: ``RUN.h5.results`` beside the finished run's name
     (also for a run still being written as ``RUN.h5.partial``)."""
     final = run.final_path if not isinstance(run, Path) else run
-    if final.name.endswith(".partial"):
-        final = final.with_name(final.name[: -len(".partial")])
+    final = final_name(final)
     return final.with_name(final.name + SUFFIX)
 
 

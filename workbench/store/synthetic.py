@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from workbench.store import schema as S
+from workbench.store.files import partial_path
 from workbench.store.settings import RecordedModel, RunSettings
 from workbench.store.transaction import RunLock
 from workbench.store.writer import BatchRecord, RunWriter, TokenField
@@ -57,7 +58,7 @@ def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_l
     place of the random ones (to plant a known structure, such as a direction). ``commit_every``
     batches are written, then committed together (as a capture does with ``--commit-every``)."""
     final = Path(path)
-    partial = final.with_name(final.name + S.PARTIAL_SUFFIX)
+    partial = partial_path(final)
     rng = np.random.default_rng(seed)
     vocab = _vocab()
     prompts = synthetic_prompts(n_prompts, seed, *lengths)

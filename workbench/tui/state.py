@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from workbench.errors import UserError
+from workbench.store.files import final_name
 
 if TYPE_CHECKING:
     from workbench.store.reader import Run
@@ -33,7 +34,7 @@ def find_runs(folder: Path) -> list[Path]:
     finished (a finished file wins over a stale partial of the same name)."""
     finals = sorted(p for p in folder.glob("*.h5") if p.is_file())
     partials = sorted(p for p in folder.glob("*.h5.partial")
-                      if p.is_file() and p.with_name(p.name[: -len(".partial")]) not in finals)
+                      if p.is_file() and final_name(p) not in finals)
     return finals + partials
 
 
