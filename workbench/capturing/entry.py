@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,6 +81,11 @@ def capture(
     dry_run: bool = False,
     progress: bool | None = None,
     commit_seconds: float = COMMIT_SECONDS,
+    workers: int = 1,
+    ray_address: str | None = None,
+    worker_cpus: float = 1.0,
+    worker_gpus: float = 0.0,
+    units: int | None = None,
 ) -> CaptureResult:
     """Capture activations of ``model`` on ``prompts`` into the run file ``out``.
 
@@ -100,6 +106,14 @@ def capture(
     :param commit_seconds: commit finished batches together at most this often (0: every batch);
         a killed capture loses at most the batches of the last ``commit_seconds``, Ctrl-C none.
     :param dry_run: plan and estimate only; nothing is written.
+    :param workers: capture on this many Ray workers (each loads the model) into a sharded run
+        (``out`` is an index over unit files in ``out.shards/``; :mod:`workbench.capturing.sharded`).
+        1 (the default) captures in this process, without Ray.
+    :param ray_address: join the Ray cluster at this address (default: start a local runtime on
+        127.0.0.1 for the capture).
+    :param worker_cpus: CPUs per worker (its torch threads); ``worker_gpus``: GPUs per worker
+        (with ``device="cuda"``).
+    :param units: work units to split the prompts into (default: 4 per worker).
     :raises UserError: bad input (nothing is written).
     """
     # 1. check: the arguments and the output, before anything is loaded
@@ -111,8 +125,23 @@ def capture(
         raise UserError("an output file is needed (--out RUN.h5)")
     if final is not None and not dry_run:
         check_output(final, overwrite, resume)
+    sharded = (workers > 1 or ray_address is not None) and not dry_run
+    if sharded:
+        loader = _sharded_check(model, final, device, bos, overwrite, resume, workers, worker_cpus,
+                                worker_gpus, units)
     items = normalize(prompts)
     model = _load(model, device, bos)
+    if sharded:
+        from workbench.capturing.sharded import capture_sharded
+
+        assert final is not None
+        return capture_sharded(
+            model, loader, items, final=final, hooks=list(hooks), workers=workers,
+            ray_address=ray_address, worker_cpus=worker_cpus, worker_gpus=worker_gpus,
+            units=units, storage_dtype=dtype, compression=compression, predictions=predictions,
+            batch_size=batch_size, truncate=truncate, generation=generation, resume=resume,
+            show_progress=sys.stderr.isatty() if progress is None else progress,
+            commit_seconds=commit_seconds)
 
     # 2. plan
     hook_items = list(hooks)
@@ -174,6 +203,33 @@ def _check_arguments(batch_size: int, dtype: str, compression: str | None, predi
     return None
 
 
+def _sharded_check(model: Model | str | Callable[[], Model], final: Path | None, device: str | None,
+                   bos: str | None, overwrite: bool, resume: bool, workers: int,
+                   worker_cpus: float, worker_gpus: float, units: int | None) -> Callable[[], Model]:
+    """Refuse what a sharded capture cannot do; the loader every worker calls."""
+    from workbench.capturing.sharded import check_sharded_output
+
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
+    if worker_cpus <= 0 or worker_gpus < 0:
+        raise UserError("--worker-cpus must be more than 0 and --worker-gpus 0 or more")
+    if units is not None and units < 1:
+        raise UserError("--units must be at least 1")
+    if final is None:
+        raise UserError("an output file is needed (--out RUN.h5)")
+    check_sharded_output(final, overwrite, resume)
+    if isinstance(model, str):
+        import functools
+
+        from workbench.models import load_model
+
+        return functools.partial(load_model, model, device=device, bos=bos)  # type: ignore[arg-type]
+    if callable(model):
+        return model
+    raise UserError("a capture on several workers loads the model in each worker: pass its name "
+                    "or a function that loads it, not a loaded model")
+
+
 def _load(model: Model | str | Callable[[], Model], device: str | None, bos: str | None) -> Model:
     """The model to capture with: loaded by name (among the models that ship with workbench;
     ``workbench.capture`` passes a loader that knows every plugin's), by the function given, or
@@ -190,11 +246,12 @@ def _load(model: Model | str | Callable[[], Model], device: str | None, bos: str
 
 
 def write_batches(plan: CapturePlan, writer: RunWriter, start_at: int, *, show_progress: bool,
-                  commit_seconds: float) -> CaptureResult:
+                  commit_seconds: float, stop: threading.Event | None = None) -> CaptureResult:
     """Run the batches from prompt ``start_at`` on and hand everything to ``writer``'s thread
     (:class:`~workbench.store.writer_thread.WriterThread`): each hook's values as they are
-    computed, then the batch's commit. On Ctrl-C every finished batch is committed, then
-    :class:`CaptureInterrupted` says how to continue."""
+    computed, then the batch's commit. On Ctrl-C (or ``stop`` set, checked between batches)
+    every finished batch is committed, then :class:`CaptureInterrupted` says how to continue.
+    An error in a batch carries the batch's prompt indices (in the plan) as ``exc.batch``."""
     n_total = len(plan.prompts)
     thread = WriterThread(writer, commit_seconds=commit_seconds)
     thread.start()
@@ -202,7 +259,13 @@ def write_batches(plan: CapturePlan, writer: RunWriter, start_at: int, *, show_p
     try:
         with _ProgressBar(n_total, start_at, writer, show_progress) as bar:
             for idx in plan.batches(start_at):
-                record = run_batch(plan, idx, on_act=thread.put_act)
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt
+                try:
+                    record = run_batch(plan, idx, on_act=thread.put_act)
+                except Exception as exc:
+                    exc.batch = idx  # type: ignore[attr-defined]
+                    raise
                 thread.put_commit(record)
                 bar.batch_done(idx[-1] + 1, sum(len(t) for t in record.tokens[S.MAIN]))
         thread.finish()

@@ -58,7 +58,7 @@ def run_batch(plan: CapturePlan, indices: list[int],
     if plan.generation is not None:
         gen = plan.generation
         main, gen_stats = generate(model, main, gen.n, gen.sampling,
-                                   [prompt_seed(gen.seed, i) for i in indices], pad=pad)
+                                   [prompt_seed(gen.seed, plan.first_index + i) for i in indices], pad=pad)
     seqs = {S.MAIN: main}
     if plan.dec_ids is not None:
         seqs[S.DEC] = [plan.dec_ids[i] for i in indices]

@@ -44,6 +44,9 @@ class CapturePlan:
     targets: list[list[int]] | None = None
     """Encoder-decoders: the target at each decoder position (-1 where none was given)."""
     generation: Generation | None = None
+    first_index: int = 0
+    """The capture-wide index of ``prompts[0]``: a sharded capture's unit starts further on
+    (each prompt's sampling seed follows its capture-wide index)."""
 
     @property
     def family(self) -> str:
@@ -225,6 +228,7 @@ def make_plan(
     batch_size: int,
     truncate: bool,
     generation: Generation | None = None,
+    first_index: int = 0,
 ) -> CapturePlan:
     if generation is not None and model.family != "decoder":
         raise UserError(f"--generate works with decoder models; {model.name} is an {model.family}")
@@ -241,7 +245,8 @@ def make_plan(
     return CapturePlan(model=model, prompts=prompts, token_ids=token_ids, hooks=hook_plan,
                        storage_dtype=storage_dtype, compression=compression,
                        predictions=predictions, batch_size=batch_size, truncated=truncated,
-                       dec_ids=dec_ids, targets=targets, generation=generation)
+                       dec_ids=dec_ids, targets=targets, generation=generation,
+                       first_index=first_index)
 
 
 def build_settings(plan: CapturePlan, hooks_requested: list[str], truncate: bool) -> RunSettings:

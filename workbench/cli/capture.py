@@ -137,13 +137,26 @@ PRESET_HELP = (
 @click.option("--for", "for_analyses", multiple=True, metavar="ANALYSIS",
               help="Also capture what ANALYSIS needs (repeatable; 'workbench analyze --list'). "
                    "Without --hooks, only that.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="Capture on N Ray workers, each loading the model, into a sharded run (RUN.h5 "
+                   "indexes unit files in RUN.h5.shards/). 1: in this process, without Ray.")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Join the Ray cluster at ADDRESS (default: a local runtime on 127.0.0.1).")
+@click.option("--worker-cpus", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="CPUs per worker (its torch threads).")
+@click.option("--worker-gpus", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="GPUs per worker (use with --device cuda; 1 places one worker per GPU).")
+@click.option("--units", default=None, type=click.IntRange(min=1), metavar="N",
+              help="Work units to split the prompts into (default: 4 per worker).")
 def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tuple[str, ...],
                 prompts_file: str | None, hook_items: tuple[str, ...], out: str | None,
                 batch_size: int, storage_dtype: str, compression: str, predictions: int,
                 generate: int, temperature: float, sample_top_k: int | None,
                 sample_top_p: float | None, seed: int | None, truncate: bool,
                 overwrite: bool, resume: bool, commit_seconds: float, dry_run: bool,
-                list_presets: bool, for_analyses: tuple[str, ...]) -> None:
+                list_presets: bool, for_analyses: tuple[str, ...], workers: int,
+                ray_address: str | None, worker_cpus: float, worker_gpus: float,
+                units: int | None) -> None:
     """Run MODEL over prompts and record activations into an HDF5 run.
 
     Also stored for every prompt: token ids and strings, per-token loss, the top-k next-token
@@ -189,7 +202,8 @@ def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tup
         dtype=storage_dtype, compression=compression, predictions=predictions, truncate=truncate,
         generate=generate, temperature=temperature, top_k=sample_top_k, top_p=sample_top_p,
         seed=seed, overwrite=overwrite, resume=resume, dry_run=dry_run,
-        commit_seconds=commit_seconds,
+        commit_seconds=commit_seconds, workers=workers, ray_address=ray_address,
+        worker_cpus=worker_cpus, worker_gpus=worker_gpus, units=units,
     )
     if dry_run:
         plan = result.plan
@@ -220,6 +234,8 @@ def inspect_cmd(run_path: str, as_json: bool, n_show: int) -> None:
     from workbench.store import open_run
     from workbench.store.results import list_results
 
+    if show_shard_progress(run_path, as_json):
+        return
     with open_run(run_path) as run:
         summary = run.summary(n_show)
         summary["results"] = [r.record(run) for r in list_results(run)]
@@ -239,6 +255,9 @@ def inspect_cmd(run_path: str, as_json: bool, n_show: int) -> None:
         lm = "yes" if run.has_lm_outputs else "no (the model has no LM head)"
         click.echo(f"storage  {run.storage_dtype}, {settings.compression or 'no'} compression, "
                    f"{len(run.hooks)} stored tensors; loss and top-{settings.top_k}: {lm}")
+        if run.shards:
+            click.echo(f"shards   {len(run.shards)} unit files in {run.shards[0]['file'].split('/')[0]}/ "
+                       "(each checked: present, complete, of this run)")
         click.echo(f"hooks    requested: {' '.join(settings.hooks_requested)}")
         for pattern, n in hook_patterns(list(run.hooks)):
             click.echo(f"           {pattern}" + (f"  x{n}" if n > 1 else ""))
@@ -258,3 +277,32 @@ def inspect_cmd(run_path: str, as_json: bool, n_show: int) -> None:
                           if not r.computed_on(run) else
                           f" (covers {r.meta.get('n_prompts')} prompts)")
             click.echo(f"  {r.analysis} {r.version}  {format_params(r.params)}{state}")
+
+
+def show_shard_progress(run_path: str, as_json: bool) -> bool:
+    """A sharded capture in progress or interrupted (no index yet): print each unit's state."""
+    from pathlib import Path
+
+    from workbench.store.files import partial_path, writer_alive
+    from workbench.store.shards import shard_progress
+
+    final = Path(run_path).expanduser().absolute()
+    if final.exists() or partial_path(final).exists():
+        return False
+    progress = shard_progress(final)
+    if progress is None:
+        return False
+    progress["status"] = "in progress" if writer_alive(final) else "interrupted"
+    if as_json:
+        click.echo(json.dumps(progress, indent=2))
+        return True
+    click.echo(f"run      {final}  [sharded capture {progress['status']}]")
+    click.echo(f"prompts  {progress['committed']:,} of {progress['prompts']:,} committed, in "
+               f"{len(progress['units'])} units ({progress['workers']} workers)")
+    for u in progress["units"]:
+        n = u["stop"] - u["start"]
+        click.echo(f"  unit {u['index']:>4}  prompts {u['start']}-{u['stop'] - 1}  {u['state']:10} "
+                   f"{u['committed']:,}/{n:,}  {u['file']}")
+    if progress["status"] == "interrupted":
+        click.echo("resume   run the same capture command with --resume")
+    return True

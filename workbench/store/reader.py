@@ -21,6 +21,7 @@ import numpy as np
 
 from workbench.errors import UserError
 from workbench.store import schema as S
+from workbench.store import shards
 from workbench.store.files import final_name, lock_path, partial_path, writer_alive
 from workbench.store.settings import NewerSettings, RunSettings
 
@@ -88,6 +89,12 @@ class Run:
             # error at open time rather than a confusing one later.
             for doc in ("model_info", "settings", "capture_settings", "hooks"):
                 getattr(self, doc)
+            self.shards: list[dict[str, Any]] = []
+            """A sharded run's unit files (``file``, ``unit``, ``first_prompt``, ``prompts``), each
+            checked when the run is opened (:func:`~workbench.store.shards.check_shards`); empty
+            for a run in one file."""
+            if shards.META_SHARDS in self.f:
+                self.shards = shards.check_shards(path, self.f, self.capture_settings.run_id)
         except UserError:
             self.f.close()
             raise
@@ -429,7 +436,9 @@ class Run:
         return [self.str_tokens(i, spec.stream_of_rows())] + [None] * len(spec.feature_shape)
 
     def size_bytes(self) -> int:
-        return self.path.stat().st_size
+        """Bytes on disk: the file, and a sharded run's unit files."""
+        return self.path.stat().st_size + sum((self.path.parent / e["file"]).stat().st_size
+                                              for e in self.shards)
 
     def n_tokens_total(self, stream: str = S.MAIN) -> int:
         return int(self._offsets_of(stream)[-1]) if self._n else 0
@@ -461,6 +470,7 @@ class Run:
             "has_lm_outputs": self.has_lm_outputs,
             "lm_target": self.lm_target if self.has_lm_outputs else None,
             "generated": self.has_generation,
+            "shards": [{k: e[k] for k in ("file", "unit", "first_prompt", "prompts")} for e in self.shards],
             "first_prompts": first,
         }
 
@@ -473,6 +483,11 @@ def open_run(path: str | os.PathLike[str]) -> Run:
         partial = partial_path(p)
         if partial.exists():
             p = partial
+        elif shards.read_units_file(p) is not None:
+            state = "in progress" if writer_alive(p) else "interrupted"
+            raise UserError(f"{p} is a sharded capture {state}: it is read once every unit is "
+                            f"complete ('workbench inspect {p.name}' shows its units; "
+                            "'--resume' continues an interrupted one)")
     if p.is_dir():
         raise UserError(f"{p} is a folder, not a run file")
     return Run(p)

@@ -73,8 +73,10 @@ class RunWriter:
         expected_elements: dict[str, int] | None = None,
         expected_batches: int = 1,
         vocab: list[str] | None = None,
+        attrs: dict[str, Any] | None = None,
     ) -> None:
         self.path = path
+        self._attrs = dict(attrs or {})
         self.hooks = hooks
         self._hook = {h.name: h for h in hooks}
         self.storage_dtype = storage_dtype
@@ -179,6 +181,8 @@ class RunWriter:
         f.attrs[S.ATTR_PLANNED] = int(planned)
         f.attrs["storage_dtype"] = self.storage_dtype
         f.attrs["streams"] = ",".join(self.streams)
+        for key, value in self._attrs.items():  # e.g. a sharded capture's unit identity
+            f.attrs[key] = value
         for name, doc in (
             (S.META_MODEL, model_info),
             (S.META_SETTINGS, settings),

@@ -1,0 +1,151 @@
+"""One worker of a sharded capture: a Ray actor (made from :class:`UnitWorker` by
+:mod:`workbench.capturing.sharded`) that loads the model once and writes units.
+
+A unit is written exactly as a single-process capture writes a run — planned with the same
+settings, the same batches, the same writer thread and file transaction — into its own file
+``RUN.h5.shards/unit-NNNNN.h5``. It is always opened with ``resume``: if the worker process was
+killed mid-unit (Ray restarts the actor and runs the task again), the unit continues from its
+last commit (the killed SWMR file's committed prompts are copied into a fresh one), and a unit
+that is already complete is left as it is. So a unit's task can run any number of times and
+the file holds each of its prompts once.
+
+Nothing here imports Ray: the class is an ordinary class; ``ray.remote`` wraps it in the driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workbench.capturing.entry import CaptureInterrupted, write_batches
+from workbench.capturing.hooks import gates_enabled
+from workbench.capturing.malloc import freed_memory_kept
+from workbench.capturing.plan import make_plan
+from workbench.capturing.prompts import Prompt
+from workbench.capturing.sampling import Generation
+from workbench.errors import UserError
+from workbench.store import schema as S
+from workbench.store.settings import RunSettings
+from workbench.store.shards import ATTR_SHARD_RUN, ATTR_SHARD_UNIT, Unit, unit_file
+from workbench.store.transaction import RunTransaction
+
+if TYPE_CHECKING:
+    from workbench.models.model import Model
+
+
+@dataclass(frozen=True)
+class UnitJob:
+    """What a worker needs to write one unit: the run, the unit's prompts, the capture's
+    options and its settings document (shared by every unit, so a resumed unit matches)."""
+
+    final: str
+    unit: Unit
+    prompts: list[Prompt]
+    hooks: list[str]
+    settings: dict[str, Any]
+    storage_dtype: str
+    compression: str | None
+    predictions: int
+    batch_size: int
+    truncate: bool
+    generation: Generation | None
+    commit_seconds: float
+
+
+def weights_fingerprint(model: Model) -> dict[str, Any]:
+    """What must agree between the driver and every worker: the provenance's SHA-256 of the
+    weights file, and a SHA-256 of the loaded weights themselves (every parameter and buffer,
+    by name, as raw bytes)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.bridge.state_dict().items()):
+        h.update(name.encode())
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(str(t.dtype).encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return {"provenance_sha256": model.info.provenance.sha256, "weights_sha256": h.hexdigest(),
+            "name": model.name}
+
+
+class UnitWorker:
+    """The body of one Ray actor. ``threads``: torch's intra-op threads (the worker's CPUs)."""
+
+    def __init__(self, loader: Callable[[], Model], threads: int | None) -> None:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.model = loader()
+        self._stop = threading.Event()
+        self._progress: tuple[int, Any] | None = None  # (unit, its writer) while one is written
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def fingerprint(self) -> dict[str, Any]:
+        return weights_fingerprint(self.model)
+
+    def stop(self) -> None:
+        """Stop after the batch in progress (committing it): Ctrl-C in the driver."""
+        self._stop.set()
+
+    def progress(self) -> dict[str, int] | None:
+        """The unit being written: its index, committed prompts and tokens, bytes written."""
+        current = self._progress
+        if current is None:
+            return None
+        unit, writer = current
+        return {"unit": unit, "prompts": writer.n_prompts, "tokens": writer.n_tokens[S.MAIN],
+                "bytes": writer.bytes_written}
+
+    def run_unit(self, job: UnitJob) -> dict[str, Any]:
+        """Write ``job``'s unit (see the module docstring). Returns ``status``: ``done``,
+        ``interrupted`` or ``failed`` (with ``error``, and the failing batch's first prompt as
+        ``prompt_index``/``prompt_id`` when a batch failed)."""
+        unit = job.unit
+        path = Path(unit_file(Path(job.final), unit.index))
+        out: dict[str, Any] = {"unit": unit.index, "pid": os.getpid()}
+        try:
+            plan = make_plan(self.model, job.prompts, job.hooks, storage_dtype=job.storage_dtype,
+                             compression=job.compression, predictions=job.predictions,
+                             batch_size=job.batch_size, truncate=job.truncate,
+                             generation=job.generation, first_index=unit.start)
+            settings = RunSettings.from_dict(job.settings)
+            with RunTransaction(path, resume=True) as tx:
+                n_done = tx.already_complete(len(plan.prompts))
+                if n_done is not None:
+                    return {**out, "status": "done", "resumed_from": n_done, "tokens": 0, "bytes": 0}
+                settings = tx.resume_point(settings, [(p.id, p.text) for p in plan.prompts])
+                tx.check_space(plan.estimated_bytes(tx.start_at))
+                writer = tx.open_writer(settings, attrs={ATTR_SHARD_RUN: settings.run_id,
+                                                         ATTR_SHARD_UNIT: unit.index},
+                                        **plan.writer_layout())
+                self._progress = (unit.index, writer)
+                with gates_enabled(plan.model, plan.hooks.gates), freed_memory_kept():
+                    result = write_batches(plan, writer, tx.start_at, show_progress=False,
+                                           commit_seconds=job.commit_seconds, stop=self._stop)
+                tx.finish()
+            return {**out, "status": "done", "resumed_from": tx.start_at,
+                    "tokens": result.n_tokens, "bytes": result.bytes_written}
+        except CaptureInterrupted:
+            return {**out, "status": "interrupted"}
+        except Exception as exc:  # reported to the driver, which retries or stops
+            batch = getattr(exc, "batch", None)
+            failed = {**out, "status": "failed", "user": isinstance(exc, UserError),
+                      "error": f"{type(exc).__name__}: {exc}".splitlines()[0],
+                      "traceback": "" if isinstance(exc, UserError) else traceback.format_exc()}
+            if batch:
+                first = job.prompts[batch[0]]
+                failed.update(prompt_index=unit.start + batch[0], prompt_id=first.id,
+                              batch_prompts=len(batch))
+            return failed
+        finally:
+            self._progress = None

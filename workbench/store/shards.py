@@ -1,0 +1,305 @@
+"""Sharded runs: many unit files under ``RUN.h5.shards/`` that read as one run through ``RUN.h5``.
+
+A capture with several workers (:mod:`workbench.capturing.sharded`) splits its prompts into
+*units*: contiguous prompt ranges, each written by one worker into its own ordinary run file
+``RUN.h5.shards/unit-NNNNN.h5`` with the same crash-safe writer and file transaction as a
+single-process capture (a unit resumes from its last commit after its worker is killed). Once
+every unit is complete, :func:`write_index` writes ``RUN.h5``: an HDF5 file whose data datasets
+are *virtual datasets* mapping, in prompt order, onto the units' datasets (relative paths: the
+folder holding ``RUN.h5`` and ``RUN.h5.shards/`` can be moved), and whose offsets datasets are
+real, global copies (every offsets dataset restarts at 0 in each unit). ``open_run``, h5py and
+``h5dump`` read it as one run.
+
+A virtual dataset reads a *missing* source file as its fill value, silently (HDFGroup/hdf5
+issue 5088, h5py issue 1546), so the index also records each unit's file, prompt count, run id
+and a SHA-256 of its commit marker (``prompts/token_offsets``), and :func:`check_shards` checks
+them when a run is opened: a missing, short (truncated, or fewer prompts), or foreign (another
+run's, another unit's, altered) shard is refused with one line naming it.
+
+The index is written with ``libver=("earliest", "v110")``: Debian's h5dump 1.10.8 cannot read
+the hyperslab selections of an index written with ``libver="latest"``.
+
+While a sharded capture runs (or after its driver was killed), ``RUN.h5.shards/units.json``
+records the plan; :func:`shard_progress` reports each unit's committed prompts (``workbench
+inspect``).
+
+Numpy and h5py only (the run store's layer). Written here because no library builds a
+concatenating index over HDF5 files with ragged offsets; the mapping itself is h5py's
+``VirtualLayout``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workbench.errors import UserError
+from workbench.paths import fsync_dir
+from workbench.store import schema as S
+from workbench.store.files import partial_path
+
+META_SHARDS = "meta/shards"
+"""JSON list of the index's units: ``file``, ``unit``, ``first_prompt``, ``prompts``,
+``offsets_sha256``."""
+ATTR_SHARD_RUN = "shard_run_id"
+ATTR_SHARD_UNIT = "shard_unit"
+UNITS_FILE = "units.json"
+INDEX_LIBVER = ("earliest", "v110")
+_OFFSETS_STEP = 1 << 22  # offsets entries copied per slice when the index is written
+
+
+def shards_dir(final: Path) -> Path:
+    """``RUN.h5.shards/``: the unit files of the sharded run ``final``."""
+    return final.with_name(final.name + ".shards")
+
+
+def unit_file(final: Path, unit: int) -> Path:
+    return shards_dir(final) / f"unit-{unit:05d}.h5"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Prompts ``start`` to ``stop - 1`` of a sharded capture, written to one unit file."""
+
+    index: int
+    start: int
+    stop: int
+    tokens: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"index": self.index, "start": self.start, "stop": self.stop, "tokens": self.tokens}
+
+
+def split_units(token_counts: Sequence[int], batch_size: int, n_units: int) -> list[Unit]:
+    """Contiguous units of whole batches (so a unit forms exactly the batches a single-process
+    capture would, and its values are bit-identical), about ``n_units`` of them, balanced by
+    token count: unit ``k`` ends at the first batch boundary where the running token count
+    reaches ``k / n_units`` of the total."""
+    n = len(token_counts)
+    bounds = list(range(0, n, batch_size)) + [n]
+    n_batches = len(bounds) - 1
+    n_units = max(1, min(n_units, n_batches))
+    cum = np.concatenate([[0], np.cumsum(np.asarray(token_counts, dtype=np.int64))])
+    total = int(cum[-1])
+    units: list[Unit] = []
+    b = 0  # batch index where the next unit starts
+    for k in range(1, n_units + 1):
+        if b >= n_batches:
+            break
+        left = n_units - k  # units after this one, each needing at least one batch
+        target = total * k / n_units
+        e = b + 1
+        while e < n_batches - left and cum[bounds[e]] < target:
+            e += 1
+        if k == n_units:
+            e = n_batches
+        start, stop = bounds[b], bounds[e]
+        units.append(Unit(len(units), start, stop, int(cum[stop] - cum[start])))
+        b = e
+    return units
+
+
+def prompts_digest(prompts: Sequence[tuple[str, str]]) -> str:
+    """SHA-256 over every prompt's id and text, in order: a resumed sharded capture must be
+    given the same prompts."""
+    h = hashlib.sha256()
+    for pid, text in prompts:
+        for part in (pid, text):
+            raw = part.encode("utf-8", "surrogatepass")
+            h.update(len(raw).to_bytes(8, "little"))
+            h.update(raw)
+    return h.hexdigest()
+
+
+def write_units_file(final: Path, doc: dict[str, Any]) -> None:
+    """Record a sharded capture's plan (``units``, ``run_id``, ``settings``, ``prompts_sha256``,
+    ``workers``) atomically in ``RUN.h5.shards/units.json``."""
+    folder = shards_dir(final)
+    folder.mkdir(exist_ok=True)
+    tmp = folder / (UNITS_FILE + ".tmp")
+    tmp.write_text(S.dumps(doc), encoding="utf-8")
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, folder / UNITS_FILE)
+    fsync_dir(folder)
+
+
+def read_units_file(final: Path) -> dict[str, Any] | None:
+    path = shards_dir(final) / UNITS_FILE
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is damaged ({exc}); the capture cannot be resumed") from None
+
+
+def _offsets_digest(offsets: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(offsets, dtype="<i8").tobytes()).hexdigest()
+
+
+def _walk(f: Any) -> list[str]:
+    names: list[str] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if hasattr(obj, "shape"):
+            names.append(name)
+
+    f.visititems(visit)
+    return names
+
+
+def _is_offsets(name: str) -> bool:
+    return (name.endswith("_offsets") and not name.startswith("vocab/")) or name.startswith(f"{S.ACTS_OFFSETS}/")
+
+
+def write_index(final: Path, units: Sequence[Unit], *, created: str | None = None) -> Path:
+    """Write ``final`` as the index over the complete unit files of ``units`` (atomically: a
+    temporary file in the same folder, renamed). Returns ``final``."""
+    import h5py
+
+    folder = shards_dir(final)
+    files = [h5py.File(unit_file(final, u.index), "r") for u in units]
+    tmp = final.with_name(f".{final.name}.index-tmp")
+    try:
+        first = files[0]
+        entries = []
+        for u, f in zip(units, files, strict=True):
+            offsets = f[S.TOKEN_OFFSETS][:]
+            if len(offsets) - 1 != u.stop - u.start:
+                raise RuntimeError(f"unit {u.index} holds {len(offsets) - 1} prompts, expected {u.stop - u.start}")
+            entries.append({"file": f"{folder.name}/{unit_file(final, u.index).name}", "unit": u.index,
+                            "first_prompt": u.start, "prompts": u.stop - u.start,
+                            "offsets_sha256": _offsets_digest(offsets)})
+        with h5py.File(tmp, "w", libver=INDEX_LIBVER) as out:
+            for key, value in first.attrs.items():
+                out.attrs[key] = value
+            out.attrs[S.ATTR_PLANNED] = sum(u.stop - u.start for u in units)
+            if created:
+                out.attrs[S.ATTR_CREATED] = created
+            for name in _walk(first):
+                src = first[name]
+                if name.startswith(("meta/", "vocab/")):
+                    out.create_dataset(name, data=src[()], dtype=src.dtype)
+                elif _is_offsets(name):
+                    _write_offsets(out, name, files)
+                else:
+                    _write_virtual(out, name, files, entries)
+                for key, value in src.attrs.items():
+                    out[name].attrs[key] = value
+            for group in (S.ACTS, S.ACTS_OFFSETS):
+                if group in first:
+                    out.require_group(group)
+                    for key, value in first[group].attrs.items():
+                        out[group].attrs[key] = value
+            raw = S.dumps(entries).encode("utf-8")
+            out.create_dataset(META_SHARDS, data=np.array(raw, dtype=h5py.string_dtype("utf-8", len(raw))))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    finally:
+        for f in files:
+            f.close()
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def _write_offsets(out: Any, name: str, files: list[Any]) -> None:
+    """The global offsets: unit k's entries after its leading 0, plus everything before it."""
+    total = 1 + sum(int(f[name].shape[0]) - 1 for f in files)
+    ds = out.create_dataset(name, shape=(total,), dtype=np.int64, chunks=(min(total, 1 << 16),),
+                            maxshape=(None,))
+    ds[0] = 0
+    pos, base = 1, 0
+    for f in files:
+        src = f[name]
+        n = int(src.shape[0]) - 1
+        for s in range(1, n + 1, _OFFSETS_STEP):
+            part = src[s : min(n + 1, s + _OFFSETS_STEP)].astype(np.int64) + base
+            ds[pos : pos + len(part)] = part
+            pos += len(part)
+        base += int(src[n]) if n else 0
+
+
+def _write_virtual(out: Any, name: str, files: list[Any], entries: list[dict[str, Any]]) -> None:
+    import h5py
+
+    srcs = [f[name] for f in files]
+    rows = [int(s.shape[0]) for s in srcs]
+    shape = (sum(rows), *srcs[0].shape[1:])
+    layout = h5py.VirtualLayout(shape=shape, dtype=srcs[0].dtype, maxshape=shape)
+    pos = 0
+    for src, n, entry in zip(srcs, rows, entries, strict=True):
+        if n:
+            layout[pos : pos + n] = h5py.VirtualSource(entry["file"], name, shape=(n, *src.shape[1:]))
+        pos += n
+    out.create_virtual_dataset(name, layout, fillvalue=0)
+
+
+def check_shards(index: Path, f: Any, run_id: str) -> list[dict[str, Any]]:
+    """Check every unit file the sharded index ``f`` (an open h5py file at ``index``) names:
+    present, a complete run (opened without SWMR, so a truncated file fails), of this run and
+    unit, holding the recorded prompts with the recorded commit marker. Returns the entries;
+    raises :class:`UserError` naming the first bad shard."""
+    import h5py
+
+    entries: list[dict[str, Any]] = json.loads(f[META_SHARDS][()].decode("utf-8"))
+    for e in entries:
+        path = index.parent / e["file"]
+        what = f"{index}: shard {e['file']} (unit {e['unit']}, prompts {e['first_prompt']}-" \
+               f"{e['first_prompt'] + e['prompts'] - 1})"
+        if not path.exists():
+            raise UserError(f"{what} is missing; the run cannot be read without it")
+        try:
+            with h5py.File(path, "r") as shard:
+                unit_ok = (shard.attrs.get(ATTR_SHARD_RUN) == run_id
+                           and int(shard.attrs.get(ATTR_SHARD_UNIT, -1)) == int(e["unit"]))
+                offsets = shard[S.TOKEN_OFFSETS][:]
+        except OSError as exc:
+            raise UserError(f"{what} is truncated or damaged ({str(exc).splitlines()[0]})") from None
+        except KeyError:
+            raise UserError(f"{what} is not a workbench run shard") from None
+        if not unit_ok:
+            raise UserError(f"{what} is foreign: it belongs to another run or unit")
+        if len(offsets) - 1 < int(e["prompts"]):
+            raise UserError(f"{what} is short: it holds {len(offsets) - 1} of its {e['prompts']} prompts")
+        if len(offsets) - 1 != int(e["prompts"]) or _offsets_digest(offsets) != e["offsets_sha256"]:
+            raise UserError(f"{what} is foreign: its contents differ from the ones indexed")
+    return entries
+
+
+def shard_progress(final: Path) -> dict[str, Any] | None:
+    """A sharded capture in progress or interrupted (``units.json`` without the index): its
+    plan and each unit's state (``complete``, ``partial`` with committed prompts, ``pending``).
+    ``None`` if ``final`` is not one."""
+    import h5py
+
+    doc = read_units_file(final)
+    if doc is None:
+        return None
+    units = []
+    for u in doc.get("units", []):
+        path = unit_file(final, int(u["index"]))
+        state, done = "pending", 0
+        for candidate, swmr in ((path, False), (partial_path(path), True)):
+            if candidate.exists():
+                try:
+                    with h5py.File(candidate, "r", swmr=swmr) as f:
+                        done = int(f[S.TOKEN_OFFSETS].shape[0]) - 1
+                    state = "complete" if not swmr else "partial"
+                except (OSError, KeyError):
+                    state = "unreadable"
+                break
+        units.append({**u, "state": state, "committed": done,
+                      "file": str(path.relative_to(final.parent))})
+    return {"path": str(final), "run_id": doc.get("run_id"), "workers": doc.get("workers"),
+            "prompts": sum(int(u["stop"]) - int(u["start"]) for u in doc.get("units", [])),
+            "committed": sum(u["committed"] for u in units), "units": units}
