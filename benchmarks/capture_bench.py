@@ -76,7 +76,10 @@ def worker(case: str, mode: str, folder: str) -> dict[str, float]:
     from workbench.capturing.malloc import freed_memory_kept
 
     _, hooks, n, (lo, hi), batch_size = CASES[case]
-    model = workbench.load_model("smollm2-135m", progress=False)
+    # WORKBENCH_BENCH_DEVICE=cuda: the same cases on a GPU (benchmarks/gpu_check.sh)
+    device = os.environ.get("WORKBENCH_BENCH_DEVICE", "cpu")
+    model = workbench.load_model("smollm2-135m", progress=False, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     prompts = make_prompts(n, lo, hi)
     token_ids = [model.tokenize(p) for p in prompts]
     n_tokens = sum(map(len, token_ids))
@@ -107,11 +110,13 @@ def worker(case: str, mode: str, folder: str) -> dict[str, float]:
                 tokens = torch.zeros(len(ids), width, dtype=torch.long)
                 for r, t in enumerate(ids):
                     tokens[r, : len(t)] = torch.tensor(t)
+                tokens = tokens.to(model.device)
                 if mode.startswith("forward"):
                     model.bridge(tokens)
                 else:
                     _, cache = model.bridge.run_with_cache(tokens, names_filter=names)
                     caches.append(cache)
+        sync()
         seconds = time.perf_counter() - start
         bytes_out = sum(t.numel() * t.element_size() for c in caches for t in c.values())
     return {"seconds": seconds, "tokens": n_tokens, "bytes": bytes_out, "cpu": cpu_seconds() - cpu_start,

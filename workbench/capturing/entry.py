@@ -56,6 +56,8 @@ class CaptureResult:
     seconds: float
     resumed_from: int
     plan: CapturePlan
+    startup_seconds: float = 0.0
+    """A sharded capture: starting Ray and its workers (loading the model); not in ``seconds``."""
 
 
 def capture(

@@ -75,12 +75,19 @@ def ray_runtime(address: str | None, num_cpus: float, num_gpus: float) -> Iterat
         yield ray
         return
     tmp = None
+    if address == "local":
+        address = None  # Ray's name for a new local runtime
     if address:
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
     else:
+        # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported: if it was imported
+        # before the variable was set (a notebook, a test), bind loopback all the same.
+        constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+        if constants is not None and getattr(constants, "ENABLE_RAY_CLUSTER", False):
+            constants.ENABLE_RAY_CLUSTER = False
         tmp = tempfile.mkdtemp(prefix="wbray-")
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  log_to_driver=False, configure_logging=False, _temp_dir=tmp,
@@ -158,8 +165,9 @@ def capture_sharded(
         t0 = time.monotonic()
         with ray_runtime(ray_address, workers * worker_cpus, workers * worker_gpus) as ray:
             pool = _Pool(ray, loader, workers, worker_cpus, worker_gpus, weights_fingerprint(model))
+            t_ready = time.monotonic()
             results = pool.run(final, plan, unit_list, hooks, settings, commit_seconds, show_progress)
-        seconds = time.monotonic() - t0
+            seconds = time.monotonic() - t_ready
         shards.write_index(final, unit_list, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         (shards.shards_dir(final) / shards.UNITS_FILE).unlink(missing_ok=True)
         done = True
@@ -168,10 +176,12 @@ def capture_sharded(
     n_tokens = sum(r.get("tokens", 0) for r in results.values())
     written = sum(r.get("bytes", 0) for r in results.values())
     print(f"workbench: wrote {final} ({len(items):,} prompts in {len(unit_list)} units, "
-          f"{human_bytes(written)} in {seconds:.1f} s)", file=sys.stderr)
+          f"{human_bytes(written)} in {seconds:.1f} s, after {t_ready - t0:.1f} s starting Ray "
+          f"and {workers} workers)", file=sys.stderr)
     resumed = sum(unit_list[u].stop - unit_list[u].start for u, r in results.items()
                   if r.get("resumed_from") == unit_list[u].stop - unit_list[u].start)
-    return CaptureResult(final, len(items), n_tokens, written, seconds, resumed, plan)
+    return CaptureResult(final, len(items), n_tokens, written, seconds, resumed, plan,
+                         startup_seconds=t_ready - t0)
 
 
 def _units(final: Path, plan: Any, settings: dict[str, Any], workers: int, units: int | None,
@@ -290,8 +300,8 @@ class _Pool:
         """Record a failed attempt; stop when the unit failed twice the same way (or too often)."""
         seen = errors[unit.index]
         seen.append(out["error"])
-        where = (f"prompt {out['prompt_id']!r} (index {out['prompt_index']}, the first of a batch "
-                 f"of {out['batch_prompts']})" if "prompt_id" in out else f"unit {unit.index}")
+        where = (f"prompt {out['prompt_id']!r} (index {out['prompt_index']})" if "prompt_id" in out
+                 else f"unit {unit.index}")
         if (len(seen) >= 2 and seen[-1] == seen[-2]) or len(seen) >= MAX_ATTEMPTS:
             if out.get("traceback"):
                 print(out["traceback"], file=sys.stderr)

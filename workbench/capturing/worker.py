@@ -75,6 +75,19 @@ def weights_fingerprint(model: Model) -> dict[str, Any]:
             "name": model.name}
 
 
+def _culprit(plan: Any, batch: list[int]) -> int:
+    """The first prompt of a failed batch that fails alone (the batch's first if none does)."""
+    from workbench.capturing.forward import run_batch
+
+    if len(batch) > 1:
+        for i in batch:
+            try:
+                run_batch(plan, [i])
+            except Exception:  # noqa: BLE001 - looking for the prompt that fails
+                return i
+    return batch[0]
+
+
 class UnitWorker:
     """The body of one Ray actor. ``threads``: torch's intra-op threads (the worker's CPUs)."""
 
@@ -113,6 +126,7 @@ class UnitWorker:
         unit = job.unit
         path = Path(unit_file(Path(job.final), unit.index))
         out: dict[str, Any] = {"unit": unit.index, "pid": os.getpid()}
+        plan = None
         try:
             plan = make_plan(self.model, job.prompts, job.hooks, storage_dtype=job.storage_dtype,
                              compression=job.compression, predictions=job.predictions,
@@ -142,10 +156,9 @@ class UnitWorker:
             failed = {**out, "status": "failed", "user": isinstance(exc, UserError),
                       "error": f"{type(exc).__name__}: {exc}".splitlines()[0],
                       "traceback": "" if isinstance(exc, UserError) else traceback.format_exc()}
-            if batch:
-                first = job.prompts[batch[0]]
-                failed.update(prompt_index=unit.start + batch[0], prompt_id=first.id,
-                              batch_prompts=len(batch))
+            if batch and plan is not None:
+                i = _culprit(plan, batch)
+                failed.update(prompt_index=unit.start + i, prompt_id=job.prompts[i].id)
             return failed
         finally:
             self._progress = None

@@ -166,6 +166,10 @@ def write_index(final: Path, units: Sequence[Unit], *, created: str | None = Non
     import h5py
 
     folder = shards_dir(final)
+    missing = [unit_file(final, u.index).name for u in units if not unit_file(final, u.index).exists()]
+    if missing:
+        raise UserError(f"{len(missing)} unit files are not in {folder} (first: {missing[0]}); on a "
+                        "cluster, the output folder must be on a filesystem every node shares")
     files = [h5py.File(unit_file(final, u.index), "r") for u in units]
     tmp = final.with_name(f".{final.name}.index-tmp")
     try:

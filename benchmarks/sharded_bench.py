@@ -1,0 +1,167 @@
+"""Sharded capture benchmark (issue 24), in one run: case (a) of ``capture_bench.py`` (the
+residual stream of 256 short prompts, SmolLM2, batch 8) captured
+
+  * in one process with one torch thread ("1 process, 1 thread"),
+  * in one process with two torch threads (today's default on two cores),
+  * on Ray with 1 worker and with 2 workers, one torch thread (one CPU) each;
+
+Ray's fixed start-up cost (the local runtime plus the workers loading the model), and reading
+one hook of every prompt from the sharded index against the same data in one file.
+
+    .venv/bin/python benchmarks/sharded_bench.py [--rounds N] [--write BENCHMARKS.md]
+
+Each capture runs in a fresh subprocess, and the modes are interleaved round by round (reversed
+every other round); the median round is reported. Capture times count the forward passes and
+writing, not loading the model (nor, for Ray, starting it: reported apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from capture_bench import CASES, make_prompts
+from sections import replace_section
+
+MODES = {
+    "1 process, 1 thread": {"threads": 1},
+    "1 process, 2 threads": {"threads": 2},
+    "Ray, 1 worker (1 CPU)": {"workers": 1},
+    "Ray, 2 workers (1 CPU each)": {"workers": 2},
+}
+HOOK = "blocks.15.hook_resid_post"
+
+
+def worker(mode: str, out: str) -> dict[str, float]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    import workbench
+
+    _, hooks, n, (lo, hi), batch = CASES["a"]
+    prompts = make_prompts(n, lo, hi)
+    spec = MODES[mode]
+    if "threads" in spec:
+        torch.set_num_threads(spec["threads"])
+        model = workbench.load_model("smollm2-135m", device="cpu")
+        r = workbench.capture(model, prompts, hooks=hooks, out=out, batch_size=batch, progress=False)
+        startup = 0.0
+    else:
+        r = workbench.capture("smollm2-135m", prompts, hooks=hooks, out=out, batch_size=batch,
+                              progress=False, device="cpu", workers=spec["workers"],
+                              ray_address="local", worker_cpus=1)
+        startup = r.startup_seconds
+    tokens = r.plan.n_tokens
+    return {"seconds": r.seconds, "tokens": tokens, "startup": startup}
+
+
+def run_worker(mode: str, out: str) -> dict[str, float]:
+    proc = subprocess.run([sys.executable, __file__, "--worker", mode, out], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def read_hook(path: Path, repeats: int = 5) -> tuple[float, float]:
+    """Median seconds to read ``HOOK`` of every prompt: through ``open_run`` prompt by prompt,
+    and as one h5py read of the whole dataset."""
+    import h5py
+
+    from workbench.store import open_run
+
+    per_prompt, whole = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with open_run(path) as run:
+            for i in range(len(run)):
+                run.activation(HOOK, i)
+        per_prompt.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        with h5py.File(path, "r") as f:
+            f[f"acts/{HOOK}"][()]
+        whole.append(time.perf_counter() - t)
+    return statistics.median(per_prompt), statistics.median(whole)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--write", metavar="FILE")
+    ap.add_argument("--worker", nargs=2, metavar=("MODE", "OUT"))
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker)))
+        return
+    results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
+        paths = {}
+        for r in range(args.rounds):
+            order = list(MODES) if r % 2 == 0 else list(reversed(MODES))
+            for mode in order:
+                out = Path(tmp) / f"{abs(hash(mode))}-{r}.h5"
+                results[mode].append(run_worker(mode, str(out)))
+                paths[mode] = out
+                print(f"round {r + 1} {mode}: {results[mode][-1]}", file=sys.stderr)
+        one, sharded = paths["1 process, 1 thread"], paths["Ray, 2 workers (1 CPU each)"]
+        reads = {"one file": read_hook(one), "sharded index (8 units)": read_hook(sharded)}
+        for label, (a, b) in reads.items():
+            print(f"read {label}: {a:.3f} s per prompt loop, {b:.3f} s whole", file=sys.stderr)
+    print(render(results, reads, args.rounds))
+    if args.write:
+        replace_section(args.write, render(results, reads, args.rounds))
+
+
+def render(results: dict[str, list[dict[str, float]]], reads: dict[str, tuple[float, float]],
+           rounds: int) -> str:
+    med = {m: sorted(v, key=lambda d: d["seconds"])[len(v) // 2] for m, v in results.items()}
+    base = med["1 process, 1 thread"]
+    rate = {m: d["tokens"] / d["seconds"] for m, d in med.items()}
+    lines = [
+        "## Sharded capture on Ray (`benchmarks/sharded_bench.py`)",
+        "",
+        f"Case (a) of the capture benchmark (the residual stream of 256 short prompts, "
+        f"{base['tokens']:,.0f} tokens, SmolLM2-135M, batch 8) on this machine "
+        f"({os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}); "
+        f"median of {rounds} rounds, each capture in a fresh process, modes interleaved. "
+        "Capture time counts the forward passes and writing, not loading the model or "
+        "starting Ray.",
+        "",
+        "| mode | capture s | tokens/s | vs 1 process, 1 thread | scaling efficiency | Ray start-up s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, d in med.items():
+        workers = 2 if "2 workers" in m else 1
+        speedup = rate[m] / rate["1 process, 1 thread"]
+        eff = f"{speedup / workers:.0%}" if m.startswith("Ray") else ""
+        start = f"{d['startup']:.1f}" if m.startswith("Ray") else ""
+        lines.append(f"| {m} | {d['seconds']:.1f} | {rate[m]:,.0f} | {speedup:.2f}x | {eff} | {start} |")
+    lines += [
+        "",
+        "Scaling efficiency: tokens/s over (workers x the 1-process, 1-thread rate). Ray start-up: "
+        "from the call to the workers ready (a local runtime, each worker loading the model and "
+        "its weights fingerprinted), paid once per capture.",
+        "",
+        f"Reading `{HOOK}` of every prompt (median of 5, warm page cache):",
+        "",
+        "| source | `run.activation` per prompt s | one h5py read s |",
+        "|---|---|---|",
+    ]
+    for label, (a, b) in reads.items():
+        lines.append(f"| {label} | {a:.3f} | {b:.3f} |")
+    (a1, b1), (a2, b2) = reads.values()
+    lines += ["", f"Sharded index / one file: {a2 / a1:.2f}x per prompt, {b2 / b1:.2f}x whole "
+                  "(target <= 1.1x)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
