@@ -416,3 +416,125 @@ def test_smollm2_on_two_workers_equals_one_process(ray_local, tmp_path) -> None:
     assert_bit_equal(one, two)
     with open_run(two) as run:
         assert len(run.shards) == 3 and run.model_name == "smollm2-135m"
+
+
+def test_a_sharded_capture_in_progress_reads_as_its_committed_prefix(ray_local, runs, tmp_path) -> None:
+    """While the workers write, open_run(RUN.h5) shows every complete unit and the committed
+    prompts of the first unfinished one, in prompt order, each equal to the single-process
+    capture's; refresh() only adds prompts; the TUI lists the run; shard_progress reports units."""
+    import workbench
+    from workbench.store.shards import shard_progress
+    from workbench.tui.state import find_runs
+
+    one, _ = runs
+    out = tmp_path / "live.h5"
+    prompts = PROMPTS * 3
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def capture() -> None:
+        try:
+            workbench.capture(MODEL, prompts, hooks=HOOKS, out=out, batch_size=3, workers=2,
+                              units=6, commit_seconds=0, progress=False)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=capture)
+    thread.start()
+    seen: list[int] = []
+    states: set[str] = set()
+    try:
+        while not done.is_set():
+            if not any(shards_dir(out).glob("unit-*.h5*")) or out.exists():
+                time.sleep(0.01)
+                continue
+            try:
+                run = open_run(out)
+            except UserError:
+                continue  # no prompt written yet
+            with run, open_run(one) as ref:
+                assert run.status == "in progress" and run.planned_prompts == len(prompts)
+                assert out in find_runs(tmp_path)
+                progress = shard_progress(out)
+                if progress is not None:
+                    states |= {u["state"] for u in progress["units"]}
+                while not done.is_set() and len(seen) < 40:
+                    n = run.refresh()
+                    assert not seen or n >= seen[-1]
+                    seen.append(n)
+                    if n:
+                        i = n - 1
+                        assert run.prompt(i) == prompts[i]
+                        assert np.array_equal(run.activation("blocks.1.hook_resid_post", i),
+                                              ref.activation("blocks.1.hook_resid_post", i % len(PROMPTS)))
+                        assert np.array_equal(run.activation("blocks.0.attn.hook_pattern", i),
+                                              ref.activation("blocks.0.attn.hook_pattern", i % len(PROMPTS)))
+                        assert run.str_tokens(i) == ref.str_tokens(i % len(PROMPTS))
+                    time.sleep(0.02)
+            break
+    finally:
+        thread.join()
+    assert not errors, errors
+    assert seen and max(seen) > 0, seen
+    assert "complete" in states or "partial" in states
+    with open_run(out) as run:
+        assert len(run) == len(prompts) and len(run.shards) == 6
+
+
+def test_ctrl_c_commits_and_stops_every_worker_then_resume(runs, tmp_path) -> None:
+    one, _ = runs
+    out = tmp_path / "int.h5"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = ["capture", "-m", MODEL, "--prompts", str(prompts), "--batch-size", "3", "-o", str(out),
+            "--workers", "2", "--units", "8", "--commit-every", "0",
+            *[x for h in HOOKS for x in ("--hooks", h)]]
+    proc = _cli(*args)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(shards_dir(out).glob("unit-*.h5*")):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGINT)  # the driver only
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err
+    assert "--resume" in err.strip().splitlines()[-1]
+    assert not out.exists()
+    for partial in shards_dir(out).glob("unit-*.h5.partial"):  # no worker still writing
+        with open_run(partial) as run:
+            assert run.status == "interrupted"
+    resumed = _cli(*args, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    with open_run(out) as a, open_run(one) as b:
+        assert a.prompt_ids == b.prompt_ids
+    assert_bit_equal(one, out)
+
+
+def test_one_worker_captures_in_process_without_importing_ray(tmp_path) -> None:
+    code = ("import sys, workbench; "
+            f"workbench.capture({MODEL!r}, ['a b c'], out={str(tmp_path / 'a.h5')!r}, progress=False, "
+            "workers=1); import workbench.cli; "
+            "assert 'ray' not in sys.modules, 'ray was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert not shards_dir(tmp_path / "a.h5").exists()
+
+
+def test_sharded_capture_refuses_bad_requests(tmp_path) -> None:
+    import workbench
+
+    out = tmp_path / "x.h5"
+    with pytest.raises(UserError, match="not a loaded model"):
+        workbench.capture(workbench.load_model(MODEL), ["a"], out=out, workers=2)
+    shards_dir(out).mkdir()
+    with pytest.raises(UserError, match="--resume continues it"):
+        workbench.capture(MODEL, ["a"], out=out, workers=2)
+    with pytest.raises(UserError, match="does not replace a sharded run"):
+        workbench.capture(MODEL, ["a"], out=out, workers=2, overwrite=True)
+    with pytest.raises(UserError, match="--worker-cpus"):
+        workbench.capture(MODEL, ["a"], out=tmp_path / "y.h5", workers=2, worker_cpus=0)

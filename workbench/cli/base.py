@@ -40,7 +40,7 @@ class WorkbenchGroup(click.Group):
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
             fail(" ".join(exc.format_message().split()) + hint)
         except UserError as exc:
-            fail(str(exc))
+            fail(str(exc), exc.exit_code)  # 2; 130 for an interrupted capture
         except click.Abort:
             click.echo("workbench: aborted", err=True)
             sys.exit(130)

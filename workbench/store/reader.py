@@ -23,6 +23,7 @@ from workbench.errors import UserError
 from workbench.store import schema as S
 from workbench.store import shards
 from workbench.store.files import final_name, lock_path, partial_path, writer_alive
+from workbench.store.live_shards import LiveShards
 from workbench.store.settings import NewerSettings, RunSettings
 
 __all__ = ["Run", "lock_path", "open_run", "partial_path", "read_ragged", "writer_alive"]
@@ -56,12 +57,13 @@ def _open(path: Path, swmr: bool, wait: float = 5.0) -> h5py.File:
 class Run:
     """A captured run. Use :func:`open_run`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, live_shards: bool = False) -> None:
         self.path = path
         self.final_path = final_name(path)
-        self.is_partial = path.name.endswith(S.PARTIAL_SUFFIX)
+        self.is_partial = live_shards or path.name.endswith(S.PARTIAL_SUFFIX)
         try:
-            self.f = _open(path, swmr=self.is_partial)
+            # A sharded capture still running has no index yet: read its units' committed prefix.
+            self.f = LiveShards(path) if live_shards else _open(path, swmr=self.is_partial)
         except FileNotFoundError:
             raise UserError(f"no such run: {path}") from None
         except PermissionError:
@@ -80,6 +82,7 @@ class Run:
                     f"{S.SCHEMA_VERSION} (upgrade workbench)"
                 )
             self._datasets: dict[str, h5py.Dataset] = {}
+            self._direct: shards.DirectReads | None = None  # a sharded index's unit files
             self._stale: set[str] = set()
             self._stream_offsets: dict[str, np.ndarray] = {}
             self._vocab: tuple[np.ndarray, bytes] | None = None
@@ -94,8 +97,12 @@ class Run:
             checked when the run is opened (:func:`~workbench.store.shards.check_shards`); empty
             for a run in one file."""
             if shards.META_SHARDS in self.f:
-                self.shards = shards.check_shards(path, self.f, self.capture_settings.run_id)
+                opened: dict[str, Any] = {}
+                self._direct = shards.DirectReads(path, opened)  # closes them with the run
+                self.shards = shards.check_shards(path, self.f, self.capture_settings.run_id, opened)
         except UserError:
+            if getattr(self, "_direct", None) is not None:
+                self._direct.close()
             self.f.close()
             raise
         except NewerSettings as exc:
@@ -114,7 +121,10 @@ class Run:
         """A dataset handle, refreshed (SWMR) if :meth:`refresh` was called since its last use."""
         ds = self._datasets.get(name)
         if ds is None:
-            ds = self._datasets[name] = self.f[name]
+            ds = self.f[name]
+            if self._direct is not None:
+                ds = self._direct.wrap(ds)
+            self._datasets[name] = ds
         elif name in self._stale:
             ds.refresh()
             self._stale.discard(name)
@@ -130,6 +140,8 @@ class Run:
         return self._n
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         self.f.close()
 
     def __enter__(self) -> Run:  # noqa: PYI034 - Run is not meant to be subclassed
@@ -437,6 +449,8 @@ class Run:
 
     def size_bytes(self) -> int:
         """Bytes on disk: the file, and a sharded run's unit files."""
+        if isinstance(self.f, LiveShards):
+            return self.f.size_bytes()
         return self.path.stat().st_size + sum((self.path.parent / e["file"]).stat().st_size
                                               for e in self.shards)
 
@@ -484,10 +498,7 @@ def open_run(path: str | os.PathLike[str]) -> Run:
         if partial.exists():
             p = partial
         elif shards.read_units_file(p) is not None:
-            state = "in progress" if writer_alive(p) else "interrupted"
-            raise UserError(f"{p} is a sharded capture {state}: it is read once every unit is "
-                            f"complete ('workbench inspect {p.name}' shows its units; "
-                            "'--resume' continues an interrupted one)")
+            return Run(p, live_shards=True)
     if p.is_dir():
         raise UserError(f"{p} is a folder, not a run file")
     return Run(p)

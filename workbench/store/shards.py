@@ -248,11 +248,13 @@ def _write_virtual(out: Any, name: str, files: list[Any], entries: list[dict[str
     out.create_virtual_dataset(name, layout, fillvalue=0)
 
 
-def check_shards(index: Path, f: Any, run_id: str) -> list[dict[str, Any]]:
+def check_shards(index: Path, f: Any, run_id: str,
+                 keep: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Check every unit file the sharded index ``f`` (an open h5py file at ``index``) names:
     present, a complete run (opened without SWMR, so a truncated file fails), of this run and
     unit, holding the recorded prompts with the recorded commit marker. Returns the entries;
-    raises :class:`UserError` naming the first bad shard."""
+    raises :class:`UserError` naming the first bad shard. With ``keep``, the checked files stay
+    open in it, by their name in the index (for :class:`DirectReads`)."""
     import h5py
 
     entries: list[dict[str, Any]] = json.loads(f[META_SHARDS][()].decode("utf-8"))
@@ -263,14 +265,20 @@ def check_shards(index: Path, f: Any, run_id: str) -> list[dict[str, Any]]:
         if not path.exists():
             raise UserError(f"{what} is missing; the run cannot be read without it")
         try:
-            with h5py.File(path, "r") as shard:
-                unit_ok = (shard.attrs.get(ATTR_SHARD_RUN) == run_id
-                           and int(shard.attrs.get(ATTR_SHARD_UNIT, -1)) == int(e["unit"]))
-                offsets = shard[S.TOKEN_OFFSETS][:]
+            shard = h5py.File(path, "r")
         except OSError as exc:
             raise UserError(f"{what} is truncated or damaged ({str(exc).splitlines()[0]})") from None
-        except KeyError:
+        try:
+            unit_ok = (shard.attrs.get(ATTR_SHARD_RUN) == run_id
+                       and int(shard.attrs.get(ATTR_SHARD_UNIT, -1)) == int(e["unit"]))
+            offsets = shard[S.TOKEN_OFFSETS][:]
+        except (KeyError, OSError):
+            shard.close()
             raise UserError(f"{what} is not a workbench run shard") from None
+        if keep is None:
+            shard.close()
+        else:
+            keep[e["file"]] = shard
         if not unit_ok:
             raise UserError(f"{what} is foreign: it belongs to another run or unit")
         if len(offsets) - 1 < int(e["prompts"]):
@@ -307,3 +315,78 @@ def shard_progress(final: Path) -> dict[str, Any] | None:
     return {"path": str(final), "run_id": doc.get("run_id"), "workers": doc.get("workers"),
             "prompts": sum(int(u["stop"]) - int(u["start"]) for u in doc.get("units", [])),
             "committed": sum(u["committed"] for u in units), "units": units}
+
+
+class DirectReads:
+    """Reads of a sharded index's virtual datasets straight from the unit files: the same rows
+    (the mapping is the virtual dataset's own, from ``virtual_sources()``), without HDF5 resolving
+    the virtual selection on every read — which made reading a hook prompt by prompt ~1.3x
+    slower than from one file. Unit files are opened once, on first use; :meth:`close` closes
+    them. Plain h5py and h5dump read the virtual datasets themselves."""
+
+    def __init__(self, index: Path, files: dict[str, Any] | None = None) -> None:
+        self.folder = index.parent
+        self._files: dict[str, Any] = files if files is not None else {}
+
+    def wrap(self, ds: Any) -> Any:
+        return _DirectDataset(self, ds) if getattr(ds, "is_virtual", False) else ds
+
+    def source(self, file_name: str, dset: str) -> Any:
+        import h5py
+
+        f = self._files.get(file_name)
+        if f is None:
+            f = self._files[file_name] = h5py.File(self.folder / file_name, "r")
+        return f[dset]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+class _DirectDataset:
+    def __init__(self, reads: DirectReads, vds: Any) -> None:
+        self.reads, self.vds = reads, vds
+        self.attrs, self.dtype, self.shape = vds.attrs, vds.dtype, vds.shape
+        maps = []
+        for m in vds.virtual_sources():
+            lo, hi = m.vspace.get_select_bounds()
+            maps.append((int(lo[0]), int(hi[0]) + 1, m.file_name, m.dset_name))
+        maps.sort()
+        self.maps = maps
+        self.starts = np.array([m[0] for m in maps], dtype=np.int64)
+        self._sources: dict[int, Any] = {}
+
+    def refresh(self) -> None:
+        """A finished run does not change."""
+
+    def _src(self, k: int) -> Any:
+        ds = self._sources.get(k)
+        if ds is None:
+            ds = self._sources[k] = self.reads.source(self.maps[k][2], self.maps[k][3])
+        return ds
+
+    def __getitem__(self, key: Any) -> Any:
+        n = self.shape[0]
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (n if key < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"index {key} out of range ({n} rows)")
+            return self[i : i + 1][0]
+        if key == () or key is Ellipsis:
+            key = slice(None)
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            return self.vds[key]
+        start, stop, _ = key.indices(n)
+        if stop <= start:
+            return np.zeros((0, *self.shape[1:]), dtype=self.dtype)
+        pieces = []
+        k = max(0, int(np.searchsorted(self.starts, start, side="right")) - 1)
+        while k < len(self.maps) and self.maps[k][0] < stop:
+            lo, hi = self.maps[k][0], self.maps[k][1]
+            a, b = max(start, lo), min(stop, hi)
+            if a < b:
+                pieces.append(self._src(k)[a - lo : b - lo])
+            k += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)

@@ -276,7 +276,8 @@ class WorkbenchApp(App[None]):
             return
         from workbench.store import open_run
 
-        if not run.path.exists() and run.final_path.exists():
+        # finished: a partial file renamed, or a sharded capture's index written
+        if run.final_path.exists() and (run.path == run.final_path or not run.path.exists()):
             fresh = open_run(run.final_path)
             self.runs[self.runs.index(run)] = fresh
             run.close()

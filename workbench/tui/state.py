@@ -30,12 +30,15 @@ class Focus:
 
 
 def find_runs(folder: Path) -> list[Path]:
-    """Runs in ``folder``: ``*.h5`` files, and ``*.h5.partial`` ones whose capture has not
-    finished (a finished file wins over a stale partial of the same name)."""
+    """Runs in ``folder``: ``*.h5`` files, ``*.h5.partial`` ones whose capture has not finished
+    (a finished file wins over a stale partial of the same name), and sharded captures still
+    running (``RUN.h5.shards/units.json`` without ``RUN.h5``)."""
     finals = sorted(p for p in folder.glob("*.h5") if p.is_file())
     partials = sorted(p for p in folder.glob("*.h5.partial")
                       if p.is_file() and final_name(p) not in finals)
-    return finals + partials
+    sharded = sorted(d.with_name(d.name[: -len(".shards")]) for d in folder.glob("*.h5.shards")
+                     if (d / "units.json").is_file() and not d.with_name(d.name[: -len(".shards")]).exists())
+    return finals + partials + sharded
 
 
 def open_runs(paths: list[str]) -> list[Run]:
