@@ -70,6 +70,13 @@ def test_units_are_whole_batches_balanced_by_tokens() -> None:
     assert [(u.start, u.stop) for u in split_units([1] * 5, 2, 10)] == [(0, 2), (2, 4), (4, 5)]
 
 
+def _copy(sharded: Path, to: Path) -> Path:
+    to.mkdir()
+    shutil.copy(sharded, to / sharded.name)
+    shutil.copytree(shards_dir(sharded), shards_dir(to / sharded.name))
+    return to / sharded.name
+
+
 # --- a local Ray runtime shared by the module ---------------------------------------------------------
 
 
@@ -169,6 +176,26 @@ def test_sharded_run_reads_as_one_bit_for_bit(runs) -> None:
         assert b.size_bytes() > sum(p.stat().st_size for p in shards_dir(sharded).glob("unit-*.h5"))
 
 
+def test_analyses_and_the_transformerlens_cache_read_a_sharded_run_as_one(runs, tmp_path) -> None:
+    import workbench
+    from workbench.registries import analyze, build_analyses
+
+    one, sharded = runs
+    roles = build_analyses().get("head-roles")
+    outcomes = []
+    for path in (one, sharded):
+        run = _copy(path, tmp_path / path.stem) if path == sharded else path
+        with open_run(run) as r:
+            (outcome,) = analyze(r, [roles], {"head-roles": {"induction": False}})
+            assert outcome.ok, outcome.stored.meta
+            outcomes.append(json.dumps(outcome.stored.data, sort_keys=True,
+                                       default=lambda o: np.asarray(o).tolist()))
+            cache = workbench.activation_cache(r, 7)
+            outcomes.append({k: cache[k].numpy().tobytes() for k in ("blocks.1.hook_resid_post",
+                                                                       "blocks.0.attn.hook_pattern")})
+    assert outcomes[0] == outcomes[2] and outcomes[1] == outcomes[3]
+
+
 def test_sharded_run_moves_with_its_folder(runs, tmp_path) -> None:
     _, sharded = runs
     moved = tmp_path / "elsewhere"
@@ -194,11 +221,6 @@ def test_h5dump_reads_the_index(runs) -> None:
     assert f"{last}\n" in data.stdout.replace(" ", "").replace(",", "\n") or str(last) in data.stdout
 
 
-def _copy(sharded: Path, to: Path) -> Path:
-    to.mkdir()
-    shutil.copy(sharded, to / sharded.name)
-    shutil.copytree(shards_dir(sharded), shards_dir(to / sharded.name))
-    return to / sharded.name
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "short", "swapped", "foreign"])
@@ -532,9 +554,18 @@ def test_sharded_capture_refuses_bad_requests(tmp_path) -> None:
     with pytest.raises(UserError, match="not a loaded model"):
         workbench.capture(workbench.load_model(MODEL), ["a"], out=out, workers=2)
     shards_dir(out).mkdir()
+    with pytest.raises(UserError, match="exists without its index"):
+        workbench.capture(MODEL, ["a"], out=out, workers=2)
+    (shards_dir(out) / "units.json").write_text('{"units": []}')
     with pytest.raises(UserError, match="--resume continues it"):
         workbench.capture(MODEL, ["a"], out=out, workers=2)
+    with pytest.raises(UserError, match="continue it with --workers N --resume"):
+        workbench.capture(MODEL, ["a"], out=out, resume=True)  # in one process
     with pytest.raises(UserError, match="does not replace a sharded run"):
         workbench.capture(MODEL, ["a"], out=out, workers=2, overwrite=True)
+    partial = tmp_path / "z.h5.partial"
+    partial.write_bytes(b"")
+    with pytest.raises(UserError, match="without --workers"):
+        workbench.capture(MODEL, ["a"], out=tmp_path / "z.h5", workers=2, resume=True)
     with pytest.raises(UserError, match="--worker-cpus"):
         workbench.capture(MODEL, ["a"], out=tmp_path / "y.h5", workers=2, worker_cpus=0)

@@ -125,12 +125,11 @@ def capture(
     final: Path | None = Path(out).expanduser().absolute() if out is not None else None
     if final is None and not dry_run:
         raise UserError("an output file is needed (--out RUN.h5)")
-    if final is not None and not dry_run:
-        check_output(final, overwrite, resume)
     sharded = (workers > 1 or ray_address is not None) and not dry_run
+    if final is not None and not dry_run:
+        check_output(final, overwrite, resume, sharded=sharded)
     if sharded:
-        loader = _sharded_check(model, final, device, bos, overwrite, resume, workers, worker_cpus,
-                                worker_gpus, units)
+        loader = _sharded_check(model, device, bos, workers, worker_cpus, worker_gpus, units)
     items = normalize(prompts)
     model = _load(model, device, bos)
     if sharded:
@@ -205,21 +204,16 @@ def _check_arguments(batch_size: int, dtype: str, compression: str | None, predi
     return None
 
 
-def _sharded_check(model: Model | str | Callable[[], Model], final: Path | None, device: str | None,
-                   bos: str | None, overwrite: bool, resume: bool, workers: int,
-                   worker_cpus: float, worker_gpus: float, units: int | None) -> Callable[[], Model]:
+def _sharded_check(model: Model | str | Callable[[], Model], device: str | None, bos: str | None,
+                   workers: int, worker_cpus: float, worker_gpus: float,
+                   units: int | None) -> Callable[[], Model]:
     """Refuse what a sharded capture cannot do; the loader every worker calls."""
-    from workbench.capturing.sharded import check_sharded_output
-
     if workers < 1:
         raise UserError("--workers must be at least 1")
     if worker_cpus <= 0 or worker_gpus < 0:
         raise UserError("--worker-cpus must be more than 0 and --worker-gpus 0 or more")
     if units is not None and units < 1:
         raise UserError("--units must be at least 1")
-    if final is None:
-        raise UserError("an output file is needed (--out RUN.h5)")
-    check_sharded_output(final, overwrite, resume)
     if isinstance(model, str):
         import functools
 

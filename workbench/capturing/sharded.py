@@ -100,18 +100,6 @@ def ray_runtime(address: str | None, num_cpus: float, num_gpus: float) -> Iterat
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_sharded_output(final: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse what a sharded capture must not touch (on top of
-    :func:`~workbench.store.transaction.check_output`)."""
-    folder = shards.shards_dir(final)
-    if folder.exists() and overwrite:
-        raise UserError(f"{folder} holds the units of another capture; remove {final.name} and "
-                        f"{folder.name} to capture there again (--overwrite does not replace a "
-                        "sharded run)")
-    if folder.exists() and not resume and not final.exists():
-        raise UserError(f"an interrupted sharded capture exists at {folder}; --resume continues it")
-
-
 def capture_sharded(
     model: Model,
     loader: Callable[[], Model],
@@ -178,8 +166,7 @@ def capture_sharded(
     print(f"workbench: wrote {final} ({len(items):,} prompts in {len(unit_list)} units, "
           f"{human_bytes(written)} in {seconds:.1f} s, after {t_ready - t0:.1f} s starting Ray "
           f"and {workers} workers)", file=sys.stderr)
-    resumed = sum(unit_list[u].stop - unit_list[u].start for u, r in results.items()
-                  if r.get("resumed_from") == unit_list[u].stop - unit_list[u].start)
+    resumed = sum(int(r.get("resumed_from", 0)) for r in results.values())
     return CaptureResult(final, len(items), n_tokens, written, seconds, resumed, plan,
                          startup_seconds=t_ready - t0)
 

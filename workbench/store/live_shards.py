@@ -37,6 +37,7 @@ class _Part:
     unit: Unit
     f: Any
     inode: int
+    swmr: bool
     n: int = 0
     datasets: dict[str, Any] = field(default_factory=dict)
 
@@ -66,6 +67,7 @@ class LiveShards:
         self.units = [Unit(**u) for u in doc.get("units", [])]
         self.planned = sum(u.stop - u.start for u in self.units)
         self.parts: list[_Part] = []
+        self.generation = 0  # rises with every rescan: datasets cache their layout per generation
         self._closed = False
         self.rescan()
         if not self.parts:
@@ -86,10 +88,11 @@ class LiveShards:
             parts.append(part)
             if part.n < u.stop - u.start:
                 break  # the first unfinished unit ends the prefix
-        for index, p in old.items():
+        for p in old.values():
             if all(q is not p for q in parts):
                 p.f.close()
         self.parts = parts
+        self.generation += 1
 
     def _open(self, unit: Unit, part: _Part | None) -> _Part | None:
         import h5py
@@ -101,13 +104,14 @@ class LiveShards:
             except FileNotFoundError:
                 continue
             if part is not None and part.inode == inode:
-                for d in part.datasets.values():
-                    d.refresh()
+                if part.swmr:  # a file still being written (or just renamed after its close)
+                    for d in part.datasets.values():
+                        d.refresh()
             else:
                 if part is not None:
                     part.f.close()
                 try:
-                    part = _Part(unit, h5py.File(path, "r", swmr=swmr), inode)
+                    part = _Part(unit, h5py.File(path, "r", swmr=swmr), inode, swmr)
                 except OSError:
                     return None  # being created, or renamed under us: next refresh
             part.n = max(0, int(part.ds(S.TOKEN_OFFSETS).shape[0]) - 1)
@@ -171,19 +175,23 @@ class _Joined:
     def __init__(self, shards: LiveShards, name: str, offsets: bool) -> None:
         self.shards, self.name, self.offsets = shards, name, offsets
         first = shards.parts[0].ds(name)
-        self.dtype, self.attrs, self._tail = first.dtype, first.attrs, first.shape[1:]
+        self.dtype, self.attrs, self._tail = first.dtype, dict(first.attrs), first.shape[1:]
+        self._cached: tuple[int, list[tuple[_Part, int, int]]] = (-1, [])
 
     def refresh(self) -> None:
         if self.name == S.TOKEN_OFFSETS:  # Run.refresh() refreshes the commit marker first
             self.shards.rescan()
 
     def _layout(self) -> list[tuple[_Part, int, int]]:
-        """(part, its rows, what it adds to offsets) for each part."""
+        """(part, its rows, what it adds to offsets) for each part (kept until the next rescan)."""
+        if self._cached[0] == self.shards.generation:
+            return self._cached[1]
         out = []
         for p in self.shards.parts:
             rows = self.shards.rows(p, self.name)
             base = int(p.ds(self.name)[rows]) if self.offsets else 0
             out.append((p, rows, base))
+        self._cached = (self.shards.generation, out)
         return out
 
     @property

@@ -39,6 +39,7 @@ from workbench.store import schema as S
 from workbench.store.files import lock_path, partial_path
 from workbench.store.reader import read_ragged
 from workbench.store.settings import RunSettings
+from workbench.store.shards import read_units_file, shards_dir
 from workbench.store.writer import RunWriter
 from workbench.version import __version__
 
@@ -80,15 +81,35 @@ class RunLock:
         os.close(self.fd)
 
 
-def check_output(out: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse, before anything is loaded or written, an output that would clobber a run."""
+def check_output(out: Path, overwrite: bool, resume: bool, sharded: bool = False) -> None:
+    """Refuse, before anything is loaded or written, an output that would clobber a run
+    (``sharded``: for a capture on several workers, :mod:`workbench.store.shards`)."""
     if overwrite and resume:
         raise UserError("--overwrite and --resume exclude each other")
     if not out.parent.is_dir():
         raise UserError(f"output folder {out.parent} does not exist")
     if out.is_dir():
         raise UserError(f"output {out} is a folder; give a file name such as {out / 'run.h5'}")
+    folder = shards_dir(out)
+    if folder.exists():
+        if overwrite:
+            raise UserError(f"{folder} holds the units of a sharded capture; remove {out.name} and "
+                            f"{folder.name} to capture there again (--overwrite does not replace a "
+                            "sharded run)")
+        if read_units_file(out) is not None:
+            if not sharded:
+                raise UserError(f"an unfinished sharded capture exists in {folder}; continue it "
+                                "with --workers N --resume")
+            if not resume:
+                raise UserError(f"an interrupted sharded capture exists in {folder}; --resume "
+                                "continues it")
+        elif not out.exists():
+            raise UserError(f"{folder} exists without its index {out.name}; remove it or choose "
+                            "another output")
     partial = partial_path(out)
+    if sharded and partial.exists():
+        raise UserError(f"an interrupted single-process capture exists at {partial}; continue it "
+                        "with --resume and without --workers")
     if out.exists() and not (overwrite or resume):
         raise UserError(f"{out} exists; --overwrite replaces it (only once the new run is complete) "
                         "or --resume continues it")
