@@ -173,6 +173,10 @@ def test_sharded_run_reads_as_one_bit_for_bit(runs) -> None:
             for hook in ("blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"):
                 assert np.array_equal(a.activation(hook, i), b.activation(hook, i))
             assert a.str_tokens(i) == b.str_tokens(i)
+        hook = "blocks.1.hook_resid_post"
+        assert np.array_equal(a.rows(hook), b.rows(hook))  # every row, across all 8 units
+        assert np.array_equal(b.rows(hook, 2, 20),
+                              np.concatenate([a.activation(hook, i) for i in range(2, 20)]))
         assert b.size_bytes() > sum(p.stat().st_size for p in shards_dir(sharded).glob("unit-*.h5"))
 
 

@@ -387,6 +387,13 @@ class _DirectDataset:
             lo, hi = self.maps[k][0], self.maps[k][1]
             a, b = max(start, lo), min(stop, hi)
             if a < b:
-                pieces.append(self._src(k)[a - lo : b - lo])
+                pieces.append((k, a - lo, b - lo, a - start))
             k += 1
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        if len(pieces) == 1:
+            k, a, b, _ = pieces[0]
+            return self._src(k)[a:b]
+        # several units: each read straight into its place in the result (no second copy)
+        out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        for k, a, b, at in pieces:
+            self._src(k).read_direct(out, np.s_[a:b], np.s_[at : at + b - a])
+        return out
