@@ -5,6 +5,7 @@ unit that fails twice, the driver killed and resumed, the listening sockets."""
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import os
 import shutil
@@ -60,7 +61,7 @@ def test_units_are_whole_batches_balanced_by_tokens() -> None:
     units = split_units(counts, batch_size=4, n_units=8)
     assert len(units) == 8
     assert units[0].start == 0 and units[-1].stop == 203
-    for a, b in zip(units, units[1:], strict=False):
+    for a, b in itertools.pairwise(units):
         assert a.stop == b.start  # contiguous, in prompt order
     assert all(u.start % 4 == 0 for u in units)  # whole batches: the single-process batches
     assert sum(u.tokens for u in units) == sum(counts)
@@ -214,10 +215,10 @@ def test_sharded_run_moves_with_its_folder(runs, tmp_path) -> None:
 @pytest.mark.skipif(shutil.which("h5dump") is None, reason="h5dump (Debian's hdf5-tools) is not installed")
 def test_h5dump_reads_the_index(runs) -> None:
     _, sharded = runs
-    head = subprocess.run(["h5dump", "-H", str(sharded)], capture_output=True, text=True, cwd=sharded.parent)
+    head = subprocess.run(["h5dump", "-H", str(sharded)], capture_output=True, text=True, check=False, cwd=sharded.parent)
     assert head.returncode == 0, head.stderr
     assert "blocks.1.hook_resid_post" in head.stdout
-    data = subprocess.run(["h5dump", "-d", "/tokens/ids", str(sharded)], capture_output=True, text=True,
+    data = subprocess.run(["h5dump", "-d", "/tokens/ids", str(sharded)], capture_output=True, text=True, check=False,
                           cwd="/")
     assert data.returncode == 0, data.stderr
     with open_run(sharded) as run:
@@ -348,7 +349,7 @@ def poisoned_tiny_gpt2():  # pragma: no cover - runs in the Ray workers
     model = load_model(MODEL)
     bad = model.tokenizer(POISON, add_special_tokens=False)["input_ids"][0]
 
-    def check(module, args, kwargs):  # noqa: ARG001
+    def check(module, args, kwargs):
         tokens = args[0] if args else kwargs.get("input")
         if hasattr(tokens, "eq") and bool(tokens.eq(bad).any()):
             raise ValueError("poisoned input")
@@ -415,7 +416,7 @@ def test_driver_killed_then_resume_from_the_command_line(runs, tmp_path) -> None
     proc.wait()
     assert not out.exists()
     status = subprocess.run([sys.executable, "-m", "workbench.cli", "inspect", str(out)],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, check=False)
     assert status.returncode == 0, status.stderr
     assert "interrupted" in status.stdout and "complete" in status.stdout
     again = _cli(*args)  # without --resume: refused
@@ -444,67 +445,59 @@ def test_smollm2_on_two_workers_equals_one_process(ray_local, tmp_path) -> None:
         assert len(run.shards) == 3 and run.model_name == "smollm2-135m"
 
 
-def test_a_sharded_capture_in_progress_reads_as_its_committed_prefix(ray_local, runs, tmp_path) -> None:
-    """While the workers write, open_run(RUN.h5) shows every complete unit and the committed
+def test_a_sharded_capture_in_progress_reads_as_its_committed_prefix(runs, tmp_path) -> None:
+    """While the workers write (a capture on the command line, as a user's terminal UI would
+    watch it from another process), open_run(RUN.h5) shows every complete unit and the committed
     prompts of the first unfinished one, in prompt order, each equal to the single-process
     capture's; refresh() only adds prompts; the TUI lists the run; shard_progress reports units."""
-    import workbench
     from workbench.store.shards import shard_progress
     from workbench.tui.state import find_runs
 
     one, _ = runs
     out = tmp_path / "live.h5"
     prompts = PROMPTS * 3
-    done = threading.Event()
-    errors: list[BaseException] = []
-
-    def capture() -> None:
-        try:
-            workbench.capture(MODEL, prompts, hooks=HOOKS, out=out, batch_size=3, workers=2,
-                              units=6, commit_seconds=0, progress=False)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-        finally:
-            done.set()
-
-    thread = threading.Thread(target=capture)
-    thread.start()
+    prompts_file = tmp_path / "p.jsonl"
+    prompts_file.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n"
+                                    for i, p in enumerate(prompts)))
+    proc = _cli("capture", "-m", MODEL, "--prompts", str(prompts_file), "--batch-size", "3", "-o",
+                str(out), "--workers", "2", "--units", "6", "--commit-every", "0",
+                *[x for h in HOOKS for x in ("--hooks", h)])
     seen: list[int] = []
     states: set[str] = set()
+    deadline = time.monotonic() + 240
     try:
-        while not done.is_set():
-            if not any(shards_dir(out).glob("unit-*.h5*")) or out.exists():
+        while proc.poll() is None and time.monotonic() < deadline and not seen:
+            if out.exists() or not any(shards_dir(out).glob("unit-*.h5*")):
                 time.sleep(0.01)
                 continue
             try:
                 run = open_run(out)
             except UserError:
-                continue  # no prompt written yet
+                continue  # no prompt committed yet
             with run, open_run(one) as ref:
                 assert run.status == "in progress" and run.planned_prompts == len(prompts)
                 assert out in find_runs(tmp_path)
-                progress = shard_progress(out)
-                if progress is not None:
-                    states |= {u["state"] for u in progress["units"]}
-                while not done.is_set() and len(seen) < 40:
+                while proc.poll() is None and len(seen) < 200:
                     n = run.refresh()
                     assert not seen or n >= seen[-1]
                     seen.append(n)
+                    progress = shard_progress(out)
+                    if progress is not None:
+                        states |= {u["state"] for u in progress["units"]}
                     if n:
                         i = n - 1
                         assert run.prompt(i) == prompts[i]
-                        assert np.array_equal(run.activation("blocks.1.hook_resid_post", i),
-                                              ref.activation("blocks.1.hook_resid_post", i % len(PROMPTS)))
-                        assert np.array_equal(run.activation("blocks.0.attn.hook_pattern", i),
-                                              ref.activation("blocks.0.attn.hook_pattern", i % len(PROMPTS)))
+                        for hook in ("blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"):
+                            assert np.array_equal(run.activation(hook, i),
+                                                  ref.activation(hook, i % len(PROMPTS))), (hook, i)
                         assert run.str_tokens(i) == ref.str_tokens(i % len(PROMPTS))
                     time.sleep(0.02)
-            break
     finally:
-        thread.join()
-    assert not errors, errors
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
     assert seen and max(seen) > 0, seen
-    assert "complete" in states or "partial" in states
+    assert len(set(seen)) > 1, seen  # it grew while we watched
+    assert states & {"complete", "partial"}, states
     with open_run(out) as run:
         assert len(run) == len(prompts) and len(run.shards) == 6
 
@@ -545,7 +538,7 @@ def test_one_worker_captures_in_process_without_importing_ray(tmp_path) -> None:
             f"workbench.capture({MODEL!r}, ['a b c'], out={str(tmp_path / 'a.h5')!r}, progress=False, "
             "workers=1); import workbench.cli; "
             "assert 'ray' not in sys.modules, 'ray was imported'")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     assert not shards_dir(tmp_path / "a.h5").exists()

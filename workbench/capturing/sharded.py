@@ -208,7 +208,7 @@ class _Pool:
                        for _ in range(workers)]
         try:
             prints = ray.get([a.fingerprint.remote() for a in self.actors])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the loader raised, in a worker
             self.kill()
             raise UserError(f"a worker could not load the model: {_first_line(exc)}") from None
         for i, got in enumerate(prints):
@@ -280,7 +280,7 @@ class _Pool:
     def _outcome(self, ref: Any) -> dict[str, Any]:
         try:
             return dict(self.ray.get(ref))
-        except Exception as exc:  # the actor died more often than Ray restarts it
+        except Exception as exc:  # noqa: BLE001 - the actor died more often than Ray restarts it
             return {"status": "died", "error": f"worker died: {_first_line(exc)}"}
 
     def _failed(self, unit: shards.Unit, out: dict[str, Any], errors: dict[int, list[str]]) -> None:
@@ -316,7 +316,13 @@ class _Progress:
     """One progress bar across workers: prompts committed, tokens per second, bytes written."""
 
     def __init__(self, total: int, show: bool) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.t0 = time.monotonic()
         self.done_prompts = self.done_tokens = self.done_bytes = 0
@@ -326,13 +332,13 @@ class _Progress:
             TimeRemainingColumn(), disable=not show, transient=False)
         self.total = total
 
-    def __enter__(self) -> _Progress:
+    def __enter__(self) -> _Progress:  # noqa: PYI034 - not meant to be subclassed
         self.progress.__enter__()
         self.task = self.progress.add_task("capture", total=self.total, rate="", written="")
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)  # type: ignore[arg-type]
 
     def unit_done(self, prompts: int, out: dict[str, Any]) -> None:
         self.done_prompts += prompts

@@ -151,7 +151,7 @@ class UnitWorker:
                     "tokens": result.n_tokens, "bytes": result.bytes_written}
         except CaptureInterrupted:
             return {**out, "status": "interrupted"}
-        except Exception as exc:  # reported to the driver, which retries or stops
+        except Exception as exc:  # noqa: BLE001 - reported to the driver, which retries or stops
             batch = getattr(exc, "batch", None)
             failed = {**out, "status": "failed", "user": isinstance(exc, UserError),
                       "error": f"{type(exc).__name__}: {exc}".splitlines()[0],

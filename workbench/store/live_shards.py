@@ -8,6 +8,10 @@ prompts of the first unfinished one — so prompt ``i`` is prompt ``i`` of the f
 its own commit marker, as a single run being written is; a unit whose worker was killed and
 restarted is reopened when its file is replaced.
 
+A unit that was read while being written is opened again once it is complete: its writer's
+clean close trims and rewrites metadata that an SWMR reader's handle may hold stale (reading
+through such a handle gave wrong values in a test).
+
 Only what :class:`Run` reads is provided: ``attrs``, ``name in f``, ``f[name]`` (datasets with
 ``shape``, ``dtype``, ``attrs``, slicing and ``refresh()``) and ``close()``. Data datasets are
 the units' rows joined; offsets datasets are joined with each unit's entries shifted by what the
@@ -103,8 +107,8 @@ class LiveShards:
                 inode = os.stat(path).st_ino
             except FileNotFoundError:
                 continue
-            if part is not None and part.inode == inode:
-                if part.swmr:  # a file still being written (or just renamed after its close)
+            if part is not None and part.inode == inode and part.swmr == swmr:
+                if swmr:  # still being written: see its new commits
                     for d in part.datasets.values():
                         d.refresh()
             else:

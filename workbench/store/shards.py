@@ -175,6 +175,11 @@ def write_index(final: Path, units: Sequence[Unit], *, created: str | None = Non
     try:
         first = files[0]
         entries = []
+        for f in files:
+            # In a process that also reads the capture live (a notebook), HDF5 shares one open
+            # file between that reader's SWMR handle and this one: refresh, or see its old state.
+            for name in _walk(f):
+                f[name].refresh()
         for u, f in zip(units, files, strict=True):
             offsets = f[S.TOKEN_OFFSETS][:]
             if len(offsets) - 1 != u.stop - u.start:
