@@ -156,7 +156,8 @@ def capture_sharded(
             t_ready = time.monotonic()
             results = pool.run(final, plan, unit_list, hooks, settings, commit_seconds, show_progress)
             seconds = time.monotonic() - t_ready
-        shards.write_index(final, unit_list, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        shards.write_index(final, unit_list, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           settings=settings)
         (shards.shards_dir(final) / shards.UNITS_FILE).unlink(missing_ok=True)
         done = True
     finally:

@@ -423,19 +423,20 @@ class Run:
         return S.decode_values(values, ds.attrs.get("encoding") or None)
 
     def rows(self, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Every token's row of a per-token hook over prompts ``start`` to ``stop - 1`` (all
-        committed prompts by default), concatenated in prompt order: ``(tokens, *feature)``, in one
-        read — the residual vectors a dictionary or probe trains on. ``n_tokens(i)`` tells which
-        rows belong to prompt ``i``."""
+        """Every token's row of a per-token hook over prompts ``start`` to ``stop - 1`` (default:
+        all), in prompt order, ``(tokens, *feature)``, in one read: what dictionaries train on."""
         spec = self.resolve(hook)
         if spec.layout == "square":
             raise UserError(f"{hook} is stored per prompt (layout {spec.layout}), not per token")
         stop = self._n if stop is None else min(stop, self._n)
         if not 0 <= start <= stop:
             raise IndexError(f"prompts {start}..{stop} out of range: the run has {self._n}")
-        offsets = self._offsets_of(spec.stream_of_rows())
+        a, b = (int(x) for x in self._offsets_of(spec.stream_of_rows())[[start, stop]])
         ds = self._ds(f"{S.ACTS}/{spec.name}")
-        return S.decode_values(ds[int(offsets[start]) : int(offsets[stop])], ds.attrs.get("encoding") or None)
+        values = np.empty((b - a, *ds.shape[1:]), dtype=ds.dtype) if isinstance(ds, h5py.Dataset) else ds[a:b]
+        if isinstance(ds, h5py.Dataset) and b > a:
+            ds.read_direct(values, np.s_[a:b])  # straight into the result, no second copy
+        return S.decode_values(values, ds.attrs.get("encoding") or None)
 
     def attention_row(self, hook: str, i: int, q: int) -> np.ndarray:
         """Row ``q`` of every head of a stored attention pattern (or any square-layout tensor) of

@@ -160,9 +160,11 @@ def _is_offsets(name: str) -> bool:
     return (name.endswith("_offsets") and not name.startswith("vocab/")) or name.startswith(f"{S.ACTS_OFFSETS}/")
 
 
-def write_index(final: Path, units: Sequence[Unit], *, created: str | None = None) -> Path:
+def write_index(final: Path, units: Sequence[Unit], *, created: str | None = None,
+                settings: dict[str, Any] | None = None) -> Path:
     """Write ``final`` as the index over the complete unit files of ``units`` (atomically: a
-    temporary file in the same folder, renamed). Returns ``final``."""
+    temporary file in the same folder, renamed), with the capture's ``settings`` document (else
+    the first unit's). Returns ``final``."""
     import h5py
 
     folder = shards_dir(final)
@@ -170,9 +172,10 @@ def write_index(final: Path, units: Sequence[Unit], *, created: str | None = Non
     if missing:
         raise UserError(f"{len(missing)} unit files are not in {folder} (first: {missing[0]}); on a "
                         "cluster, the output folder must be on a filesystem every node shares")
-    files = [h5py.File(unit_file(final, u.index), "r") for u in units]
+    files: list[Any] = []
     tmp = final.with_name(f".{final.name}.index-tmp")
     try:
+        files += [h5py.File(unit_file(final, u.index), "r") for u in units]
         first = files[0]
         entries = []
         for f in files:
@@ -189,13 +192,17 @@ def write_index(final: Path, units: Sequence[Unit], *, created: str | None = Non
                             "offsets_sha256": _offsets_digest(offsets)})
         with h5py.File(tmp, "w", libver=INDEX_LIBVER) as out:
             for key, value in first.attrs.items():
-                out.attrs[key] = value
+                if key not in (ATTR_SHARD_RUN, ATTR_SHARD_UNIT):  # a unit's identity, not the run's
+                    out.attrs[key] = value
             out.attrs[S.ATTR_PLANNED] = sum(u.stop - u.start for u in units)
             if created:
                 out.attrs[S.ATTR_CREATED] = created
             for name in _walk(first):
                 src = first[name]
-                if name.startswith(("meta/", "vocab/")):
+                if name == S.META_SETTINGS and settings is not None:
+                    raw = S.dumps(settings).encode("utf-8")
+                    out.create_dataset(name, data=np.array(raw, dtype=h5py.string_dtype("utf-8", len(raw))))
+                elif name.startswith(("meta/", "vocab/")):
                     out.create_dataset(name, data=src[()], dtype=src.dtype)
                 elif _is_offsets(name):
                     _write_offsets(out, name, files)
