@@ -201,6 +201,28 @@ def test_analyses_and_the_transformerlens_cache_read_a_sharded_run_as_one(runs, 
     assert outcomes[0] == outcomes[2] and outcomes[1] == outcomes[3]
 
 
+@pytest.mark.parametrize(("model", "extra"), [
+    ("tiny-t5", {}),  # two token streams, cross-attention, targets
+    ("tiny-bert", {}),  # an encoder: attention mask, masked-LM outputs
+    ("tiny-gpt2", {"generate": 4, "seed": 11}),  # each prompt's seed follows its capture-wide index
+])
+def test_every_family_and_generation_shard_bit_for_bit(ray_local, tmp_path, model, extra) -> None:
+    import workbench
+
+    items = [{"id": f"q{i}", "prompt": p, "target": f"answer {i}"} for i, p in enumerate(PROMPTS[:10])]
+    hooks = ["residual", "attention"]
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    workbench.capture(model, items, hooks=hooks, out=one, batch_size=2, progress=False, **extra)
+    workbench.capture(model, items, hooks=hooks, out=two, batch_size=2, workers=2, units=3,
+                      progress=False, **extra)
+    assert_bit_equal(one, two)
+    with open_run(one) as a, open_run(two) as b:
+        assert a.streams == b.streams and len(b.shards) == 3
+        for i in range(10):
+            for stream in a.streams:
+                assert a.str_tokens(i, stream) == b.str_tokens(i, stream)
+
+
 def test_sharded_run_moves_with_its_folder(runs, tmp_path) -> None:
     _, sharded = runs
     moved = tmp_path / "elsewhere"
@@ -388,6 +410,31 @@ class _DriverClean:
 
             return load_model(MODEL)
         return self.worker_loader()
+
+
+def perturbed_tiny_gpt2():  # pragma: no cover - runs in the Ray workers
+    """tiny-gpt2 with one weight changed: other weights than the driver's."""
+    import torch
+
+    from workbench.registries import load_model
+
+    model = load_model(MODEL)
+    with torch.no_grad():
+        next(model.bridge.original_model.parameters()).view(-1)[0] += 1.0
+    return model
+
+
+def test_workers_with_other_weights_than_the_driver_stop_the_capture(ray_local, tmp_path) -> None:
+    from ray import cloudpickle
+
+    import workbench
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    out = tmp_path / "w.h5"
+    with pytest.raises(UserError, match="loaded different weights than the driver"):
+        workbench.capture(_DriverClean(perturbed_tiny_gpt2), PROMPTS[:4], out=out, workers=2,
+                          progress=False)
+    assert not out.exists() and not shards_dir(out).exists()  # nothing to resume: nothing left
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:

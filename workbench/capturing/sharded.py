@@ -160,6 +160,9 @@ def capture_sharded(
                            settings=settings)
         (shards.shards_dir(final) / shards.UNITS_FILE).unlink(missing_ok=True)
         done = True
+    except BaseException:
+        _forget_if_empty(final)
+        raise
     finally:
         lock.release(remove=done)
     n_tokens = sum(r.get("tokens", 0) for r in results.values())
@@ -170,6 +173,14 @@ def capture_sharded(
     resumed = sum(int(r.get("resumed_from", 0)) for r in results.values())
     return CaptureResult(final, len(items), n_tokens, written, seconds, resumed, plan,
                          startup_seconds=t_ready - t0)
+
+
+def _forget_if_empty(final: Path) -> None:
+    """A capture stopped before any unit file was written (a worker could not load the model,
+    other weights, Ctrl-C during start-up) leaves nothing behind: no plan to resume."""
+    folder = shards.shards_dir(final)
+    if folder.is_dir() and not any(folder.glob("unit-*")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _units(final: Path, plan: Any, settings: dict[str, Any], workers: int, units: int | None,

@@ -14,7 +14,6 @@ Nothing here imports Ray: the class is an ordinary class; ``ray.remote`` wraps i
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import traceback
@@ -60,18 +59,8 @@ class UnitJob:
 
 def weights_fingerprint(model: Model) -> dict[str, Any]:
     """What must agree between the driver and every worker: the provenance's SHA-256 of the
-    weights file, and a SHA-256 of the loaded weights themselves (every parameter and buffer,
-    by name, as raw bytes)."""
-    import torch
-
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.bridge.state_dict().items()):
-        h.update(name.encode())
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        h.update(str(t.dtype).encode())
-        if t.numel():
-            h.update(t.view(torch.uint8).numpy().tobytes())
-    return {"provenance_sha256": model.info.provenance.sha256, "weights_sha256": h.hexdigest(),
+    weights file, and a SHA-256 of the loaded weights themselves."""
+    return {"provenance_sha256": model.info.provenance.sha256, "weights_sha256": model.weights_sha256(),
             "name": model.name}
 
 

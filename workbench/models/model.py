@@ -208,6 +208,22 @@ class Model:
         """Each token decoded on its own (as TransformerLens' ``to_str_tokens``)."""
         return [self.tokenizer.decode([i]) for i in ids]
 
+    def weights_sha256(self) -> str:
+        """SHA-256 of the loaded weights: every parameter and buffer of the underlying Hugging Face
+        model, by its (stable) name, as raw bytes. (The bridge's own state-dict names of T5's
+        blocks vary between processes, so they are not hashed.)"""
+        import hashlib
+
+        import torch
+
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.bridge.original_model.state_dict().items()):
+            t = tensor.detach().to("cpu").contiguous().reshape(-1)
+            h.update(f"{name}:{t.dtype}:{t.numel()}".encode())
+            if t.numel():
+                h.update(t.view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def vocab_strings(self) -> list[str]:
         """Every id of the tokenizer decoded on its own (what :meth:`str_tokens` gives for it).
         Computed once per model (every capture stores it)."""
