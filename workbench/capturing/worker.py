@@ -69,11 +69,12 @@ def _culprit(plan: Any, batch: list[int]) -> int:
     from workbench.capturing.forward import run_batch
 
     if len(batch) > 1:
-        for i in batch:
-            try:
-                run_batch(plan, [i])
-            except Exception:  # noqa: BLE001 - looking for the prompt that fails
-                return i
+        with gates_enabled(plan.model, plan.hooks.gates):
+            for i in batch:
+                try:
+                    run_batch(plan, [i])
+                except Exception:  # noqa: BLE001 - looking for the prompt that fails
+                    return i
     return batch[0]
 
 
@@ -110,8 +111,8 @@ class UnitWorker:
 
     def run_unit(self, job: UnitJob) -> dict[str, Any]:
         """Write ``job``'s unit (see the module docstring). Returns ``status``: ``done``,
-        ``interrupted`` or ``failed`` (with ``error``, and the failing batch's first prompt as
-        ``prompt_index``/``prompt_id`` when a batch failed)."""
+        ``interrupted`` or ``failed`` (with ``error``, and, when a batch failed, the prompt that
+        fails alone — else the batch's first — as ``prompt_index``/``prompt_id``)."""
         unit = job.unit
         path = Path(unit_file(Path(job.final), unit.index))
         out: dict[str, Any] = {"unit": unit.index, "pid": os.getpid()}
