@@ -437,6 +437,27 @@ def test_workers_with_other_weights_than_the_driver_stop_the_capture(ray_local, 
     assert not out.exists() and not shards_dir(out).exists()  # nothing to resume: nothing left
 
 
+def _cli_capture(tmp_path: Path, out: Path, prompts: list[str], units: int) -> list[str]:
+    """The arguments of a 2-worker command-line capture of ``prompts`` (ids p0, p1, ...) to ``out``."""
+    prompts_file = tmp_path / f"{out.stem}.jsonl"
+    prompts_file.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n"
+                                    for i, p in enumerate(prompts)))
+    return ["capture", "-m", MODEL, "--prompts", str(prompts_file), "--batch-size", "3", "-o",
+            str(out), "--workers", "2", "--units", str(units), "--commit-every", "0",
+            *[x for h in HOOKS for x in ("--hooks", h)]]
+
+
+def _wait_for_units(proc: subprocess.Popen, out: Path, pattern: str) -> None:
+    """Wait (at most 4 minutes) until a unit file matching ``pattern`` exists; the capture must
+    still be running then."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(shards_dir(out).glob(pattern)):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()
+
+
 def _cli(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "-m", "workbench.cli", *args], env=env,
@@ -446,19 +467,10 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
 
 def test_driver_killed_then_resume_from_the_command_line(runs, tmp_path) -> None:
     one, _ = runs
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
     out = tmp_path / "cli.h5"
-    args = ["capture", "-m", MODEL, "--prompts", str(prompts), "--batch-size", "3", "-o", str(out),
-            "--workers", "2", "--units", "8", "--commit-every", "0",
-            *[x for h in HOOKS for x in ("--hooks", h)]]
+    args = _cli_capture(tmp_path, out, PROMPTS, units=8)
     proc = _cli(*args)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(shards_dir(out).glob("unit-*.h5")):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
+    _wait_for_units(proc, out, "unit-*.h5")  # a complete unit
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray runtime it started
     proc.wait()
     assert not out.exists()
@@ -503,12 +515,7 @@ def test_a_sharded_capture_in_progress_reads_as_its_committed_prefix(runs, tmp_p
     one, _ = runs
     out = tmp_path / "live.h5"
     prompts = PROMPTS * 3
-    prompts_file = tmp_path / "p.jsonl"
-    prompts_file.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n"
-                                    for i, p in enumerate(prompts)))
-    proc = _cli("capture", "-m", MODEL, "--prompts", str(prompts_file), "--batch-size", "3", "-o",
-                str(out), "--workers", "2", "--units", "6", "--commit-every", "0",
-                *[x for h in HOOKS for x in ("--hooks", h)])
+    proc = _cli(*_cli_capture(tmp_path, out, prompts, units=6))
     seen: list[int] = []
     states: set[str] = set()
     deadline = time.monotonic() + 240
@@ -552,18 +559,9 @@ def test_a_sharded_capture_in_progress_reads_as_its_committed_prefix(runs, tmp_p
 def test_ctrl_c_commits_and_stops_every_worker_then_resume(runs, tmp_path) -> None:
     one, _ = runs
     out = tmp_path / "int.h5"
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    args = ["capture", "-m", MODEL, "--prompts", str(prompts), "--batch-size", "3", "-o", str(out),
-            "--workers", "2", "--units", "8", "--commit-every", "0",
-            *[x for h in HOOKS for x in ("--hooks", h)]]
+    args = _cli_capture(tmp_path, out, PROMPTS, units=8)
     proc = _cli(*args)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(shards_dir(out).glob("unit-*.h5*")):
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, proc.communicate()
+    _wait_for_units(proc, out, "unit-*.h5*")  # any unit started
     os.kill(proc.pid, signal.SIGINT)  # the driver only
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, err

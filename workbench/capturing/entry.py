@@ -31,6 +31,7 @@ from workbench.capturing.prompts import normalize
 from workbench.capturing.sampling import Generation, SamplingSettings
 from workbench.errors import UserError
 from workbench.store import schema as S
+from workbench.store.settings import RunSettings
 from workbench.store.transaction import RunTransaction, check_output, human_bytes
 from workbench.store.writer import RunWriter
 from workbench.store.writer_thread import COMMIT_SECONDS, WriterThread
@@ -157,6 +158,19 @@ def capture(
         print(f"workbench: {line}", file=sys.stderr)
     settings = build_settings(plan, hook_items, truncate)
 
+    # 3-5. open, the batches, finish
+    return write_run(plan, final, settings, resume=resume, show_progress=show,
+                     commit_seconds=commit_seconds)
+
+
+def write_run(plan: CapturePlan, final: Path, settings: RunSettings, *, resume: bool,
+              show_progress: bool, commit_seconds: float, stop: threading.Event | None = None,
+              attrs: dict[str, Any] | None = None,
+              on_writer: Callable[[RunWriter], None] | None = None) -> CaptureResult:
+    """Write ``plan`` into the run ``final`` (a single-process capture, or one unit of a sharded
+    one): open it (lock, resume, disk space, writer with root ``attrs``; ``on_writer`` is told
+    the writer), run the batches (:func:`write_batches`, ``stop`` checked between them), close it
+    durably and rename it. A finished run that ``resume`` finds complete is left as it is."""
     # 3. open the run: lock, resume, disk space, writer
     with RunTransaction(final, resume=resume) as tx:
         n_done = tx.already_complete(len(plan.prompts))
@@ -164,12 +178,14 @@ def capture(
             return CaptureResult(final, n_done, 0, 0, 0.0, n_done, plan)
         settings = tx.resume_point(settings, [(p.id, p.text) for p in plan.prompts])
         tx.check_space(plan.estimated_bytes(tx.start_at))
-        writer = tx.open_writer(settings, **plan.writer_layout())
+        writer = tx.open_writer(settings, attrs=attrs, **plan.writer_layout())
+        if on_writer is not None:
+            on_writer(writer)
 
         # 4. the batches
         with gates_enabled(plan.model, plan.hooks.gates), freed_memory_kept():
-            result = write_batches(plan, writer, tx.start_at, show_progress=show,
-                                   commit_seconds=commit_seconds)
+            result = write_batches(plan, writer, tx.start_at, show_progress=show_progress,
+                                   commit_seconds=commit_seconds, stop=stop)
 
         # 5. finish: close durably, rename
         tx.finish()

@@ -45,7 +45,13 @@ from workbench.capturing.sampling import Generation
 from workbench.capturing.worker import UnitJob, UnitWorker, weights_fingerprint
 from workbench.errors import UserError
 from workbench.store import shards
-from workbench.store.transaction import RESUME_KEYS, RunLock, human_bytes
+from workbench.store.transaction import (
+    RESUME_KEYS,
+    RunLock,
+    check_free_space,
+    complete_prompts,
+    human_bytes,
+)
 
 if TYPE_CHECKING:
     from workbench.models.model import Model
@@ -135,19 +141,12 @@ def capture_sharded(
     done = False
     try:
         if resume and final.exists() and shards.read_units_file(final) is None:
-            from workbench.store.reader import open_run
-
-            with open_run(final) as run:
-                if len(run) != len(items):
-                    raise UserError(f"{final} is complete with a different number of prompts")
-            print(f"workbench: {final} is already complete ({len(items)} prompts)", file=sys.stderr)
+            n_done = complete_prompts(final, len(items))
             done = True
-            return CaptureResult(final, len(items), 0, 0, 0.0, len(items), plan)
+            return CaptureResult(final, n_done, 0, 0, 0.0, n_done, plan)
         unit_list, settings = _units(final, plan, settings, workers, units, resume)
-        free = shutil.disk_usage(final.parent).free
-        if plan.estimated_bytes() * 1.02 > free and not resume:
-            raise UserError(f"the run needs about {human_bytes(plan.estimated_bytes())} but "
-                            f"{final.parent} has only {human_bytes(free)} free")
+        if not resume:  # (a resumed unit checks its own room when it starts)
+            check_free_space(final.parent, plan.estimated_bytes())
         print(f"workbench: {len(unit_list)} units over {workers} workers into {shards.shards_dir(final)}/",
               file=sys.stderr)
         t0 = time.monotonic()

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workbench.capturing.entry import CaptureInterrupted, write_batches
+from workbench.capturing.entry import CaptureInterrupted, write_run
 from workbench.capturing.hooks import gates_enabled
-from workbench.capturing.malloc import freed_memory_kept
 from workbench.capturing.plan import make_plan
 from workbench.capturing.prompts import Prompt
 from workbench.capturing.sampling import Generation
@@ -32,7 +31,6 @@ from workbench.errors import UserError
 from workbench.store import schema as S
 from workbench.store.settings import RunSettings
 from workbench.store.shards import ATTR_SHARD_RUN, ATTR_SHARD_UNIT, Unit, unit_file
-from workbench.store.transaction import RunTransaction
 
 if TYPE_CHECKING:
     from workbench.models.model import Model
@@ -122,22 +120,12 @@ class UnitWorker:
                              compression=job.compression, predictions=job.predictions,
                              batch_size=job.batch_size, truncate=job.truncate,
                              generation=job.generation, first_index=unit.start)
-            settings = RunSettings.from_dict(job.settings)
-            with RunTransaction(path, resume=True) as tx:
-                n_done = tx.already_complete(len(plan.prompts))
-                if n_done is not None:
-                    return {**out, "status": "done", "resumed_from": n_done, "tokens": 0, "bytes": 0}
-                settings = tx.resume_point(settings, [(p.id, p.text) for p in plan.prompts])
-                tx.check_space(plan.estimated_bytes(tx.start_at))
-                writer = tx.open_writer(settings, attrs={ATTR_SHARD_RUN: settings.run_id,
-                                                         ATTR_SHARD_UNIT: unit.index},
-                                        **plan.writer_layout())
-                self._progress = (unit.index, writer)
-                with gates_enabled(plan.model, plan.hooks.gates), freed_memory_kept():
-                    result = write_batches(plan, writer, tx.start_at, show_progress=False,
-                                           commit_seconds=job.commit_seconds, stop=self._stop)
-                tx.finish()
-            return {**out, "status": "done", "resumed_from": tx.start_at,
+            result = write_run(
+                plan, path, RunSettings.from_dict(job.settings), resume=True, show_progress=False,
+                commit_seconds=job.commit_seconds, stop=self._stop,
+                attrs={ATTR_SHARD_RUN: job.settings["run_id"], ATTR_SHARD_UNIT: unit.index},
+                on_writer=lambda writer: setattr(self, "_progress", (unit.index, writer)))
+            return {**out, "status": "done", "resumed_from": result.resumed_from,
                     "tokens": result.n_tokens, "bytes": result.bytes_written}
         except CaptureInterrupted:
             return {**out, "status": "interrupted"}

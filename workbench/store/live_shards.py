@@ -31,7 +31,7 @@ import numpy as np
 from workbench.errors import UserError
 from workbench.store import schema as S
 from workbench.store.files import partial_path
-from workbench.store.shards import Unit, read_units_file, unit_file
+from workbench.store.shards import Unit, is_offsets, read_units_file, row_range, unit_file
 
 
 @dataclass
@@ -53,11 +53,6 @@ class _Part:
 
     def offset(self, name: str, i: int) -> int:
         return int(self.ds(name)[i])
-
-
-def _is_offsets(name: str) -> bool:
-    return name.startswith(f"{S.ACTS_OFFSETS}/") or (
-        name.endswith("_offsets") and not name.startswith("vocab/"))
 
 
 class LiveShards:
@@ -127,7 +122,7 @@ class LiveShards:
     def rows(self, part: _Part, name: str) -> int:
         """Committed rows (entries after the leading 0, for offsets) of ``name`` in ``part``."""
         n = part.n
-        if _is_offsets(name):
+        if is_offsets(name):
             if name.endswith("/str_offsets") and not name.startswith("prompts/"):
                 stream = name.split("/", 1)[0]
                 return part.offset(S.stream_offsets(stream), n)
@@ -156,7 +151,7 @@ class LiveShards:
             return self.parts[0].f[name]
         if name not in self:
             raise KeyError(name)
-        return _Joined(self, name, offsets=_is_offsets(name))
+        return _Joined(self, name, offsets=is_offsets(name))
 
     def close(self) -> None:
         if not self._closed:
@@ -206,18 +201,14 @@ class _Joined:
     def __getitem__(self, key: Any) -> Any:
         layout = self._layout()
         length = sum(rows for _, rows, _ in layout) + (1 if self.offsets else 0)
-        if isinstance(key, (int, np.integer)):
-            i = int(key) + (length if key < 0 else 0)
-            if not 0 <= i < length:
-                raise IndexError(f"index {key} out of range for {self.name} ({length})")
-            return self[i : i + 1][0]
-        if key == () or key is Ellipsis:
-            key = slice(None)
-        if not isinstance(key, slice) or key.step not in (None, 1):
+        rows = row_range(key, length, self.name)
+        if rows is None:
             raise TypeError(f"{self.name}: only contiguous slices are supported")
-        start, stop, _ = key.indices(length)
-        if self.offsets:
-            return self._offsets(layout, start, max(start, stop))
+        start, stop, single = rows
+        values = self._offsets(layout, start, stop) if self.offsets else self._rows(layout, start, stop)
+        return values[0] if single else values
+
+    def _rows(self, layout: list[tuple[_Part, int, int]], start: int, stop: int) -> np.ndarray:
         pieces, pos = [], 0
         for p, rows, _ in layout:
             lo, hi = max(start, pos), min(stop, pos + rows)

@@ -156,8 +156,25 @@ def _walk(f: Any) -> list[str]:
     return names
 
 
-def _is_offsets(name: str) -> bool:
+def is_offsets(name: str) -> bool:
+    """Whether dataset ``name`` holds offsets (cumulative ends, restarting at 0 in each unit)."""
     return (name.endswith("_offsets") and not name.startswith("vocab/")) or name.startswith(f"{S.ACTS_OFFSETS}/")
+
+
+def row_range(key: Any, n: int, what: str) -> tuple[int, int, bool] | None:
+    """``key`` (an index, a contiguous slice, ``()`` or ``...``) of a dataset of ``n`` rows as
+    ``(start, stop, single)``, ``single`` for an index; ``None`` for any other key."""
+    if isinstance(key, (int, np.integer)):
+        i = int(key) + (n if key < 0 else 0)
+        if not 0 <= i < n:
+            raise IndexError(f"index {key} out of range for {what} ({n} rows)")
+        return i, i + 1, True
+    if key == () or key is Ellipsis:
+        key = slice(None)
+    if not isinstance(key, slice) or key.step not in (None, 1):
+        return None
+    start, stop, _ = key.indices(n)
+    return start, max(start, stop), False
 
 
 def write_index(final: Path, units: Sequence[Unit], *, created: str | None = None,
@@ -204,7 +221,7 @@ def write_index(final: Path, units: Sequence[Unit], *, created: str | None = Non
                     out.create_dataset(name, data=np.array(raw, dtype=h5py.string_dtype("utf-8", len(raw))))
                 elif name.startswith(("meta/", "vocab/")):
                     out.create_dataset(name, data=src[()], dtype=src.dtype)
-                elif _is_offsets(name):
+                elif is_offsets(name):
                     _write_offsets(out, name, files)
                 else:
                     _write_virtual(out, name, files, entries)
@@ -380,17 +397,14 @@ class _DirectDataset:
         return ds
 
     def __getitem__(self, key: Any) -> Any:
-        n = self.shape[0]
-        if isinstance(key, (int, np.integer)):
-            i = int(key) + (n if key < 0 else 0)
-            if not 0 <= i < n:
-                raise IndexError(f"index {key} out of range ({n} rows)")
-            return self[i : i + 1][0]
-        if key == () or key is Ellipsis:
-            key = slice(None)
-        if not isinstance(key, slice) or key.step not in (None, 1):
+        rows = row_range(key, self.shape[0], self.vds.name)
+        if rows is None:
             return self.vds[key]
-        start, stop, _ = key.indices(n)
+        start, stop, single = rows
+        values = self._read(start, stop)
+        return values[0] if single else values
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
         if stop <= start:
             return np.zeros((0, *self.shape[1:]), dtype=self.dtype)
         pieces = []

@@ -149,6 +149,27 @@ def check_resumable(old: Any, settings: dict[str, Any], prompts: Sequence[tuple[
     return n_done
 
 
+def complete_prompts(final: Path, n_prompts: int) -> int:
+    """``--resume`` of the finished run ``final``: its prompt count, when it holds ``n_prompts``
+    (nothing is to be done); else :class:`UserError`."""
+    from workbench.store.reader import open_run
+
+    with open_run(final) as run:
+        if len(run) == n_prompts:
+            print(f"workbench: {final} is already complete ({len(run)} prompts)", file=sys.stderr)
+            return len(run)
+    raise UserError(f"{final} is complete with a different number of prompts; "
+                    "use --overwrite to capture again")
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    """Refuse to start when ``folder`` has no room for ``needed`` bytes more."""
+    free = shutil.disk_usage(folder).free
+    if needed * 1.02 + (16 << 20) > free:
+        raise UserError(f"the run needs about {human_bytes(needed)} but {folder} has "
+                        f"only {human_bytes(free)} free")
+
+
 class RunTransaction:
     """Writing the run ``final`` (see the module docstring): a context manager that holds the
     lock, and on leaving releases it (removing the lock file once the run is complete). Leaving
@@ -187,16 +208,9 @@ class RunTransaction:
         ``n_prompts`` (nothing is to be done); else ``UserError``. ``None`` in every other case."""
         if not (self.resume and self.final.exists() and not self.partial.exists()):
             return None
-        from workbench.store.reader import open_run
-
-        with open_run(self.final) as run:
-            if len(run) == n_prompts:
-                print(f"workbench: {self.final} is already complete ({len(run)} prompts)",
-                      file=sys.stderr)
-                self._done = True
-                return len(run)
-        raise UserError(f"{self.final} is complete with a different number of prompts; "
-                        "use --overwrite to capture again")
+        n_done = complete_prompts(self.final, n_prompts)
+        self._done = True
+        return n_done
 
     def resume_point(self, settings: RunSettings, prompts: Sequence[tuple[str, str]]) -> RunSettings:
         """With ``--resume`` and an interrupted run: check it (:func:`check_resumable`), set
@@ -216,11 +230,8 @@ class RunTransaction:
     def check_space(self, new_bytes: int) -> None:
         """Refuse to start when the folder has no room for ``new_bytes`` more (plus the copy of a
         resumed file)."""
-        needed = new_bytes + (self.partial.stat().st_size if self._old is not None else 0)
-        free = shutil.disk_usage(self.final.parent).free
-        if needed * 1.02 + (16 << 20) > free:
-            raise UserError(f"the run needs about {human_bytes(needed)} but {self.final.parent} has "
-                            f"only {human_bytes(free)} free")
+        check_free_space(self.final.parent,
+                         new_bytes + (self.partial.stat().st_size if self._old is not None else 0))
 
     def open_writer(self, settings: RunSettings, **layout: Any) -> RunWriter:
         """The writer of the partial file (``layout``: :class:`RunWriter`'s other keyword
