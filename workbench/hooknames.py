@@ -27,8 +27,10 @@ PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("*blocks.*.*attn.hook_pattern",),
     ),
     "attention-full": (
-        "queries, keys, values, scores, patterns, per-head outputs (z) and attention outputs",
-        ("*blocks.*.*attn.hook_q", "*blocks.*.*attn.hook_k", "*blocks.*.*attn.hook_v",
+        ("queries, keys (also after the rotary embedding, where the model rotates), values, "
+         "scores, patterns, per-head outputs (z) and attention outputs"),
+        ("*blocks.*.*attn.hook_q", "*blocks.*.*attn.hook_k", "*blocks.*.*attn.hook_rot_q",
+         "*blocks.*.*attn.hook_rot_k", "*blocks.*.*attn.hook_v",
          "*blocks.*.*attn.hook_attn_scores", "*blocks.*.*attn.hook_pattern",
          "*blocks.*.*attn.hook_z", "*blocks.*.hook_attn_out"),
     ),

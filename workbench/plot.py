@@ -44,9 +44,12 @@ def _save(fig: Any, out: str) -> None:
 
 
 def plot_attention(run: Run, i: int, out: str, *, hook: str | None = None, layer: int | None = None,
-                   head: int = 0) -> None:
+                   head: int = 0) -> list[str]:
     """One head's attention pattern for prompt ``i``: queries down, keys across, weight in
-    colour; exactly-zero cells (the causal mask) left white."""
+    colour; exactly-zero cells (the causal mask) left white. A scores hook
+    (``hook_attn_scores``) is drawn as scores: its own colour range, masked cells white. Returns
+    notes for the user (e.g. that a model's ``hook_attn_scores`` is its pattern)."""
+    from workbench.store.attention_steps import MASKED_BELOW, is_scores_hook
     from workbench.store.depth import pattern_hooks
 
     _check_prompt(run, i)
@@ -64,41 +67,70 @@ def plot_attention(run: Run, i: int, out: str, *, hook: str | None = None, layer
             hook = named[0]
     if run.resolve(hook).layout != "square":
         raise UserError(f"{hook} is not an attention pattern (its axes: {', '.join(run.axes(hook))})")
+    notes = []
+    scores = is_scores_hook(run, hook)
+    if hook.endswith("hook_attn_scores") and not scores:
+        notes.append(f"on this model {hook} is the same tensor as hook_pattern (the TransformerLens bridge "
+                     "aliases them): it holds the softmax weights, drawn as weights")
     pattern = run.activation(hook, i)
     if not 0 <= head < pattern.shape[0]:
         raise UserError(f"head {head} does not exist: {hook} has heads 0..{pattern.shape[0] - 1}")
     q_tokens, k_tokens = run.axis_tokens(hook, i)[1:]
     assert q_tokens is not None and k_tokens is not None
     plt = _pyplot()
-    values = np.ma.masked_equal(pattern[head].astype(np.float64), 0.0)
+    raw = pattern[head].astype(np.float64)
+    if scores:
+        values = np.ma.masked_where(raw <= MASKED_BELOW, raw)
+        vmin, vmax, cmap, label = float(values.min()), float(values.max()), "coolwarm", \
+            "attention score (pre-softmax; masked cells white)"
+    else:
+        values = np.ma.masked_equal(raw, 0.0)
+        vmin, vmax, cmap, label = 0.0, 1.0, "viridis", "attention weight"
     size = max(4.0, 0.28 * max(len(q_tokens), len(k_tokens)) + 2)
     fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_xticks(range(len(k_tokens)), _labels(k_tokens), rotation=90, fontsize=7)
     ax.set_yticks(range(len(q_tokens)), _labels(q_tokens), fontsize=7)
     ax.set_xlabel("key")
     ax.set_ylabel("query")
     ax.set_title(f"{hook}, head {head} — prompt {i}", fontsize=9)
-    fig.colorbar(image, ax=ax, label="attention weight", shrink=0.8)
+    fig.colorbar(image, ax=ax, label=label, shrink=0.8)
     _save(fig, out)
     plt.close(fig)
+    return notes
 
 
-def plot_residual(run: Run, i: int, out: str) -> None:
-    """The residual stream's L2 norm at every stored depth (rows) and position (columns)."""
-    from workbench.store.depth import residual_norms
+def plot_residual(run: Run, i: int, out: str, *, log: bool = True, sink: str = "auto") -> list[str]:
+    """The residual stream's L2 norm at every stored depth (rows) and position (columns), on a
+    log colour scale by default. ``sink``: ``auto`` keeps an attention-sink first position (a
+    decoder's position 0 with a norm many times the rest) out of the colour scale, ``skip``
+    always, ``keep`` never. Returns notes for the user."""
+    from workbench.store.depth import residual_norms, sink_position
 
     _check_prompt(run, i)
     labels, norms = residual_norms(run, i)
     if not labels:
         raise UserError("this run stores no residual stream (capture with --hooks residual)")
     tokens = run.str_tokens(i)
+    notes = []
+    skip = sink == "skip" or (sink == "auto" and sink_position(run, norms))
+    scaled = norms[:, 1:] if skip and norms.shape[1] > 1 else norms
+    if skip:
+        notes.append(f"position 0 left out of the colour scale (its norm reaches {float(norms[:, 0].max()):.4g}; "
+                     f"the rest at most {float(scaled.max()):.4g}): it saturates")
     plt = _pyplot()
+    from matplotlib.colors import LogNorm, Normalize
+
+    positive = scaled[scaled > 0]
+    lo = float(positive.min()) if positive.size else 1e-6
+    norm = LogNorm(vmin=lo, vmax=float(scaled.max())) if log else Normalize(vmin=0.0, vmax=float(scaled.max()))
     fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(tokens) + 3), max(3.0, 0.22 * len(labels) + 1.5)))
-    image = ax.imshow(norms, cmap="magma", aspect="auto", interpolation="nearest")
+    image = ax.imshow(np.clip(norms, lo if log else None, None), cmap="magma", aspect="auto",
+                      interpolation="nearest", norm=norm)
     ax.set_xticks(range(len(tokens)), _labels(tokens), rotation=90, fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_title(f"residual stream norm — prompt {i}", fontsize=9)
-    fig.colorbar(image, ax=ax, label="L2 norm", shrink=0.8)
+    fig.colorbar(image, ax=ax, label="L2 norm" + (" (log scale)" if log else ""), shrink=0.8)
     _save(fig, out)
     plt.close(fig)
+    return notes

@@ -13,7 +13,7 @@ from workbench.cli.base import cli
 
 @cli.command("tui")
 @click.argument("run_paths", metavar="[RUN]...", nargs=-1)
-@click.option("--view", type=click.Choice(["attention", "residual", "topk", "info", "results"]),
+@click.option("--view", type=click.Choice(["attention", "residual", "topk", "info", "results", "qkv", "vectors"]),
               default="attention", show_default=True, help="The view to open on.")
 @click.option("--prompt", "prompt_index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Index of the prompt to open on.")
@@ -44,17 +44,28 @@ def tui_cmd(run_paths: tuple[str, ...], view: str, prompt_index: int, export_dir
 @click.option("--layer", type=click.IntRange(min=0), default=None,
               help="Shorthand for the pattern hook of this layer.")
 @click.option("--head", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--log/--linear", "log", default=True, show_default=True,
+              help="residual: colour the norms on a log or a linear scale.")
+@click.option("--sink", type=click.Choice(["auto", "skip", "keep"]), default="auto", show_default=True,
+              help="residual: leave position 0 out of the colour scale (auto: when it is an attention "
+              "sink, a decoder's first position with a norm many times the rest).")
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Image file to write (.png, .svg, .pdf: matplotlib decides by the suffix).")
 def plot_cmd(run_path: str, kind: str, prompt_index: int, hook: str | None, layer: int | None,
-             head: int, out_path: str) -> None:
-    """Draw a heatmap from RUN with matplotlib (pip install 'workbench[plot]')."""
+             head: int, log: bool, sink: str, out_path: str) -> None:
+    """Draw a heatmap from RUN with matplotlib (pip install 'workbench[plot]').
+
+    A scores hook (--hook blocks.L.attn.hook_attn_scores) is drawn as pre-softmax scores with
+    their own colour range; where the model's bridge makes that name an alias of the pattern,
+    a note says so and the weights are drawn."""
     from workbench.plot import plot_attention, plot_residual
     from workbench.store import open_run
 
     with open_run(run_path) as run:
         if kind == "attention":
-            plot_attention(run, prompt_index, out_path, hook=hook, layer=layer, head=head)
+            notes = plot_attention(run, prompt_index, out_path, hook=hook, layer=layer, head=head)
         else:
-            plot_residual(run, prompt_index, out_path)
+            notes = plot_residual(run, prompt_index, out_path, log=log, sink=sink)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {out_path}")

@@ -60,3 +60,19 @@ def residual_norms(run: Run, i: int) -> tuple[list[str], np.ndarray]:
     norms = np.stack([np.linalg.norm(run.activation(name, i).astype(np.float64), axis=-1)
                       for _, name in points])
     return [label for label, _ in points], norms
+
+
+SINK_RATIO = 5.0
+"""A first position whose norm is this many times the median of the others' is an attention sink."""
+
+
+def sink_position(run: Run, norms: np.ndarray) -> bool:
+    """Whether position 0 of a decoder's prompt is an attention sink by its residual norms
+    ``(points, positions)``: past the embedding, its median norm over the points is at least
+    :data:`SINK_RATIO` times the median norm of the other positions (SmolLM2: ~22,600 against
+    ~250). Such a position would otherwise own a linear colour scale."""
+    if run.family != "decoder" or norms.shape[1] < 2 or norms.shape[0] < 2:
+        return False
+    later = norms[1:]  # past the embedding, where the sink grows
+    first, rest = float(np.median(later[:, 0])), float(np.median(later[:, 1:]))
+    return rest > 0 and first >= SINK_RATIO * rest

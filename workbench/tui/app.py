@@ -7,6 +7,7 @@ the live model imports them in its background worker.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -29,7 +30,9 @@ from textual.widgets import (
 from textual.widgets.option_list import Option
 
 from workbench.kit import FollowsFocus
+from workbench.store.attention_steps import attention_blocks
 from workbench.tui import render as R
+from workbench.tui.concepts import QKVView, VectorsView
 from workbench.tui.messages import ShowAttentionHead
 from workbench.tui.results import ResultsPanel
 from workbench.tui.screens import AnalysisPicker, HelpScreen, SearchScreen
@@ -51,8 +54,10 @@ if TYPE_CHECKING:
 
 VIEWS = (("attention", "1 Attention", AttentionView), ("residual", "2 Residual", NormsView),
          ("topk", "3 Top-k", TopKView), ("info", "4 Run", InfoView))
-VIEW_NAMES = (*(v[0] for v in VIEWS), "results")
+CONCEPT_VIEWS = (("qkv", "6 Q·K·V", QKVView), ("vectors", "7 Vectors", VectorsView))
+VIEW_NAMES = (*(v[0] for v in VIEWS), "results", *(v[0] for v in CONCEPT_VIEWS))
 POLL_SECONDS = 0.5
+log = logging.getLogger(__name__)
 PAGE = 1000
 """Prompts listed at a time: Textual's option list measures every option, so a run of 20,000
 prompts is listed a page at a time (n / p and search cross pages)."""
@@ -90,7 +95,12 @@ class WorkbenchApp(App[None]):
         Binding("3", "show_view('topk')", "top-k predictions", show=False),
         Binding("4", "show_view('info')", "run metadata and provenance", show=False),
         Binding("5", "show_view('results')", "stored analysis results", show=False),
+        Binding("6", "show_view('qkv')", "Q·K·V: one head's attention step by step", show=False),
+        Binding("7", "show_view('vectors')", "the focused token's vector through the residual stream",
+                show=False),
         Binding("i", "toggle_ids", "token ids"),
+        Binding("l", "toggle_log", "residual: log / linear scale", show=False),
+        Binding("x", "toggle_sink", "residual: position 0 (attention sink) off / on the scale", show=False),
         Binding("slash", "search", "find token"),
         Binding("a", "analyze", "run analysis"),
         Binding("s", "export_svg", "save SVG"),
@@ -136,6 +146,9 @@ class WorkbenchApp(App[None]):
                             yield cls(id=f"view-{name}")
                     with TabPane("5 Results", id="tab-results"):
                         yield ResultsPanel(id="view-results")
+                    for name, title, cls in CONCEPT_VIEWS:
+                        with TabPane(title, id=f"tab-{name}"):
+                            yield cls(id=f"view-{name}")
         with Horizontal(id="progress-row"):
             yield Label("", id="progress-label")
             yield ProgressBar(id="progress", show_eta=False)
@@ -230,13 +243,15 @@ class WorkbenchApp(App[None]):
         """Tell the plugin views on screen that follow the focus
         (:class:`workbench.kit.FollowsFocus`) where it is."""
         for widget in self.query(".result-view"):
-            if isinstance(widget, FollowsFocus):
-                try:
-                    widget.follow(self.active_run, self.focus_state)
-                except Exception as exc:  # noqa: BLE001 - a plugin's view must not take the app down
-                    widget.remove_class("result-view")  # asked once, not on every key
-                    self.notify(f"view {type(widget).__name__} failed to follow the focus: {exc!r}",
-                                severity="error", timeout=10)
+            if not isinstance(widget, FollowsFocus) or not (widget.is_mounted and widget.is_attached):
+                continue  # not composed yet: the results panel asks it once it is mounted
+            try:
+                widget.follow(self.active_run, self.focus_state)
+            except Exception as exc:  # noqa: BLE001 - a plugin's view must not take the app down
+                log.exception("view %s failed to follow the focus", type(widget).__name__)
+                widget.remove_class("result-view")  # asked once, not on every key
+                self.notify(f"view {type(widget).__name__} failed to follow the focus: {exc!r}",
+                            severity="error", timeout=10)
 
     def on_show_attention_head(self, message: ShowAttentionHead) -> None:
         """A plugin's view asked for a head's heatmap."""
@@ -306,10 +321,11 @@ class WorkbenchApp(App[None]):
 
     def action_layer(self, step: int) -> None:
         f = self.focus_state
-        if self.active_view() == "residual":
+        if self.active_view() in ("residual", "vectors"):
             f.point = max(0, f.point + step)
         else:
-            n = max(1, len(R.pattern_hooks(self.active_run)))
+            hooks = attention_blocks(self.active_run) if self.active_view() == "qkv" else R.pattern_hooks(self.active_run)
+            n = max(1, len(hooks))
             f.pattern = (f.pattern + step) % n
         self.refresh_views()
 
@@ -327,6 +343,17 @@ class WorkbenchApp(App[None]):
 
     def action_toggle_ids(self) -> None:
         self.focus_state.show_ids = not self.focus_state.show_ids
+        self.refresh_views()
+
+    def action_toggle_log(self) -> None:
+        self.focus_state.log_scale = not self.focus_state.log_scale
+        self.refresh_views()
+
+    def action_toggle_sink(self) -> None:
+        f, run = self.focus_state, self.active_run
+        current = f.skip_sink if f.skip_sink is not None else (
+            len(run) > 0 and R.sink_position(run, R.residual_norms(run, f.prompt)[1]))
+        f.skip_sink = not current
         self.refresh_views()
 
     def action_toggle_sidebar(self) -> None:

@@ -19,5 +19,5 @@ from workbench.kit.shading import (  # noqa: F401 - re-exported: R.cell, R.grid,
     level,
     token_label,
 )
-from workbench.store.depth import pattern_hooks, residual_norms  # noqa: F401 - re-exported
+from workbench.store.depth import pattern_hooks, residual_norms, sink_position  # noqa: F401 - re-exported
 

@@ -27,6 +27,11 @@ class Focus:
     point: int = 0
     """Row of the residual-norm view (a point of the residual stream)."""
     show_ids: bool = False
+    log_scale: bool = True
+    """Residual norms on a log colour scale (``l`` toggles)."""
+    skip_sink: bool | None = None
+    """Leave position 0 out of the residual colour scale: ``None`` when it is an attention sink
+    (:func:`workbench.store.depth.sink_position`), else as toggled with ``x``."""
 
 
 def find_runs(folder: Path) -> list[Path]:

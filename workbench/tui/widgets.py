@@ -196,7 +196,8 @@ class AttentionView(RunView):
 
 
 class NormsView(RunView):
-    """Residual-stream norms: points of the stream (embedding, each layer) × positions."""
+    """Residual-stream norms: points of the stream (embedding, each layer) × positions, on a log
+    colour scale (``l``: linear) with an attention-sink first position out of the scale (``x``)."""
 
     title = "Residual"
 
@@ -210,11 +211,21 @@ class NormsView(RunView):
         pos = min(focus.pos, norms.shape[1] - 1)
         value = float(norms[focus.point, pos])
         self._readout = f"{labels[focus.point]} at {pos} {tokens[pos]!r}: ‖x‖ = {value:.4g}"
-        vmax = float(np.nanmax(norms)) if norms.size else 1.0
-        header = Text.assemble(("residual stream L2 norm", "bold"), "  depth × position",
-                               no_wrap=True)
+        skip = focus.skip_sink if focus.skip_sink is not None else R.sink_position(run, norms)
+        scaled = norms[:, 1:] if skip and norms.shape[1] > 1 else norms
+        vmax = float(np.nanmax(scaled)) if scaled.size else 1.0
+        shown, top = norms, vmax
+        if focus.log_scale:
+            positive = scaled[scaled > 0]
+            floor = float(positive.min()) if positive.size else 1.0
+            # log(norm / floor) + a sliver, so the smallest norm is still drawn (0 is left blank)
+            shown = np.log(np.maximum(norms, floor) / floor) + 1e-3
+            top = math.log(vmax / floor) + 1e-3 if vmax > floor else 1.0
+        shown = np.minimum(shown, top)
+        header = Text.assemble(("residual norm", "bold"), f" {'log' if focus.log_scale else 'linear'} scale (l)",
+                               " · sink 0 off scale (x)" if skip else "", no_wrap=True)
         _legend_if_room(header, R.legend(vmax, "norm "), width)
-        body = R.grid(norms, labels, tokens, (focus.point, pos), width, height - 2, vmax=vmax,
+        body = R.grid(shown, labels, tokens, (focus.point, pos), width, height - 2, vmax=top,
                       label_width=10)
         return Group(header, body, Text(self._readout, style="bold", no_wrap=True))
 
