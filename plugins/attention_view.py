@@ -170,7 +170,8 @@ class HeadRolesView(Vertical):
         return hook, int(head)
 
     def follow(self, run: Run, focus: Focus) -> None:
-        self.query_one(LookPanel).follow(run, focus)
+        for panel in self.query(LookPanel):  # none before compose or once removal began
+            panel.follow(run, focus)
 
 
 class AttendsToView(Vertical):
@@ -191,4 +192,5 @@ class AttendsToView(Vertical):
         yield panel
 
     def follow(self, run: Run, focus: Focus) -> None:
-        self.query_one(LookPanel).follow(run, focus)
+        for panel in self.query(LookPanel):  # none before compose or once removal began
+            panel.follow(run, focus)

@@ -31,12 +31,33 @@ if TYPE_CHECKING:
 # --- tokens and their vectors --------------------------------------------------------------------
 
 
+class UnknownWord(UserError):
+    """A word the tokenizer maps to its unknown (or padding) token: it is not in the vocabulary
+    (a word-level vocabulary such as the toys' maps every other word to ``<pad>``)."""
+
+    def __init__(self, word: str, token: str) -> None:
+        super().__init__(f"{word!r} is not in the vocabulary (the tokenizer maps it to {token!r})")
+        self.word, self.token = word, token
+
+
+def unknown_ids(tokenizer: Any) -> set[int]:
+    """The ids a tokenizer gives text it has no token for: its unknown and padding tokens."""
+    ids = (getattr(tokenizer, "unk_token_id", None), getattr(tokenizer, "pad_token_id", None))
+    return {int(i) for i in ids if i is not None}
+
+
 def word_token(model: Model, word: str, space: bool) -> tuple[int, str]:
     """The single token of ``word`` (with one leading space when ``space``: the form a word takes
     inside a sentence in byte-pair vocabularies). A word of several tokens is a UserError naming
-    its pieces."""
+    its pieces; a word the tokenizer maps to its unknown or padding token is an
+    :class:`UnknownWord` (unless the word is that token's own text)."""
     text = " " + word.strip() if space else word
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    unknown = [t for t in ids if t in unknown_ids(model.tokenizer)]
+    if unknown:
+        token = model.tokenizer.decode([unknown[0]])
+        if token.strip() != text.strip():
+            raise UnknownWord(word.strip(), token)
     if len(ids) != 1:
         pieces = ", ".join(repr(model.tokenizer.decode([t])) for t in ids) or "nothing"
         raise UserError(f"{text!r} is {len(ids)} tokens ({pieces}), not one")
@@ -125,14 +146,25 @@ def pca_2d(x: np.ndarray) -> tuple[np.ndarray, list[float]]:
 
 def analogy(model: Model, mats: dict[str, Any], text: str, space: bool, k: int) -> dict[str, Any]:
     """The tokens nearest ``a - b + c`` (``text``) in each matrix of ``mats``, the expression's own
-    tokens left out; ``{"expression", "skipped"}`` when a term is not one token."""
+    tokens left out; ``{"expression", "skipped"}`` when a term is not one token (and
+    ``"unknown"``: the terms not in the vocabulary, when that is why)."""
     terms: list[dict[str, Any]] = []
+    unknown: list[UnknownWord] = []
     try:
         for sign, word in parse_expression(text):
-            tid, tok = word_token(model, word, space)
+            try:
+                tid, tok = word_token(model, word, space)
+            except UnknownWord as exc:  # every such term is named, not only the first
+                unknown.append(exc)
+                continue
             terms.append({"sign": sign, "word": word, "token": tok, "id": tid})
     except UserError as exc:
         return {"expression": text, "skipped": str(exc)}
+    if unknown:
+        words = ", ".join(repr(u.word) for u in unknown)
+        return {"expression": text, "unknown": [u.word for u in unknown],
+                "skipped": f"not in the vocabulary: {words} (the tokenizer maps "
+                           f"{'it' if len(unknown) == 1 else 'them'} to {unknown[0].token!r})"}
     out: dict[str, Any] = {"expression": text, "terms": terms}
     exclude = tuple(int(t["id"]) for t in terms)
     for m, M in mats.items():

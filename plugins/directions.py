@@ -22,12 +22,14 @@ Registered through the ``workbench`` entry-point group like any third-party plug
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from workbench_plugins.direction_math import (
+    UnknownWord,
     analogy,
     auc,  # noqa: F401 - public here too
     choose_layer,
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
 RESIDUAL = (resid_pre(0), "*blocks.*.hook_resid_post")
 MATRICES = ("embed", "unembed")
 DEFAULT_WORDS = "king, queen, man, woman, Paris, London, France, England, cat, dog"
+DEFAULT_ANALOGY = "king - man + woman"
 
 
 # --- embeddings ---------------------------------------------------------------------------------
@@ -75,24 +78,28 @@ def compute_embeddings(ctx: AnalysisContext) -> Result:
     space, k = params["space"], params["k"]
     tokens: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
+    unknown: list[UnknownWord] = []
     for word in [w for w in params["tokens"].split(",") if w.strip()]:
         try:
             tid, tok = word_token(model, word, space)
         except UserError as exc:
             skipped.append({"word": word.strip(), "reason": str(exc)})
+            if isinstance(exc, UnknownWord):
+                unknown.append(exc)
             continue
         if tid not in [t["id"] for t in tokens]:
             tokens.append({"word": word.strip(), "token": tok, "id": tid})
     data: dict[str, Any] = {
         "model": ctx.run.model_info.get("name"), "matrices": list(mats), "space": space, "k": k,
         "tied": is_tied,
-        "tokens": tokens, "skipped": skipped,
+        "tokens": tokens, "skipped": skipped, "warnings": [],
         "neighbours": {m: [neighbours(model, M, M[t["id"]], k, (t["id"],)) for t in tokens]
                        for m, M in mats.items()},
         "analogy": None, "direction": None, "map": None,
     }
     if params["analogy"].strip():
         data["analogy"] = analogy(model, mats, params["analogy"], space, k)
+    _unknown_words(ctx, model.name, data, unknown)
     if params["direction"]:
         d = find_direction(ctx.run, params["direction"])
         data["direction"] = {"name": d.name, "layer": d.layer,
@@ -106,10 +113,33 @@ def compute_embeddings(ctx: AnalysisContext) -> Result:
     return Result(data=data)
 
 
+def _unknown_words(ctx: AnalysisContext, model: str, data: dict[str, Any], unknown: list[UnknownWord]) -> None:
+    """Words the tokenizer maps to its unknown or padding token are skipped (never looked up as
+    that token): a warning names them, on stderr and in ``data["warnings"]``. When the words the
+    user named leave nothing to show, a UserError instead (the default words on a small
+    vocabulary only warn)."""
+    a = data["analogy"]
+    words = list(dict.fromkeys([u.word for u in unknown] + (a.get("unknown", []) if a else [])))
+    if not words:
+        return
+    token = unknown[0].token if unknown else None
+    message = (f"{ctx.analysis.name}: skipped {len(words)} word(s) not in {model}'s vocabulary"
+               + (f" (its tokenizer maps them to {token!r})" if token else "") + ": "
+               + ", ".join(repr(w) for w in words))
+    named = ctx.params["tokens"] != DEFAULT_WORDS or ctx.params["analogy"] != DEFAULT_ANALOGY
+    left = data["tokens"] or (a is not None and "skipped" not in a) or ctx.params["direction"]
+    if named and not left:
+        raise UserError(f"{message}; nothing is left to show (choose words in its vocabulary: "
+                        f"--param {ctx.analysis.name}.tokens=...)")
+    data["warnings"].append(message)
+    print(f"workbench: warning: {message}", file=sys.stderr)
+
+
 def render_embeddings(result: Result) -> str:
     d = result.data
     lines = [f"token vectors of {d['model']}: {', '.join(d['matrices'])}"
              + (" (tied: the unembedding is the same matrix)" if d["tied"] else "")]
+    lines += [f"warning: {w}" for w in d.get("warnings", [])]
     for s in d["skipped"]:
         lines.append(f"skipped {s['word']!r}: {s['reason']}")
 
@@ -407,7 +437,7 @@ EMBEDDINGS = Analysis(
         Param("tokens", str, DEFAULT_WORDS, "words (comma-separated) to find neighbours of and to map"),
         Param("space", bool, True, "put one space before each word (its form inside a sentence)"),
         Param("k", int, 10, "neighbours per token", min=1, max=1000),
-        Param("analogy", str, "king - man + woman", "a - b + c: nearest tokens to the sum, inputs excluded"),
+        Param("analogy", str, DEFAULT_ANALOGY, "a - b + c: nearest tokens to the sum, inputs excluded"),
         Param("direction", str, "", "also list the tokens nearest this stored direction"),
     ),
     render_text=render_embeddings,

@@ -10,8 +10,9 @@
   MLP layer, with that forward pass's final-norm scale (and Gemma's per-sublayer post-norm
   scales). The terms add up to the model's own logit; pre-norm decoders only.
 - ``neurons``: the MLP neurons with the largest activation x direct effect on that metric; for
-  chosen neurons, their top-activating tokens across the run and the tokens their output weights
-  promote and suppress.
+  chosen neurons, their top-activating tokens across the run, their most negative activations
+  (a neuron whose effect is negative helps the target through them), and the tokens their output
+  weights promote and suppress.
 
 The plugin also registers ``distribution`` (softmax, temperature, sampling: ``distribution.py``).
 Weights come from the model reloaded by the run's provenance; activations from the run (capture
@@ -395,18 +396,24 @@ def neurons_compute(ctx: AnalysisContext) -> Result:
 def _neuron_detail(run: Run, ro: Readout, model: Model, layer: int, n: int, k: int,
                    prompts: list[int]) -> dict[str, Any]:
     best: list[tuple[float, int, int]] = []
+    worst: list[tuple[float, int, int]] = []  # negative activations only, most negative first
     for i in prompts:
         col = run.activation(f"blocks.{layer}.mlp.hook_post", i)[:, n].astype(np.float64)
         for pos in np.argsort(-col)[:k]:
             best.append((float(col[pos]), i, int(pos)))
+        worst += [(float(col[pos]), i, int(pos)) for pos in np.argsort(col)[:k] if col[pos] < 0]
     best.sort(reverse=True)
-    examples = []
-    for value, i, pos in best[:k]:
+    worst.sort()
+
+    def example(value: float, i: int, pos: int) -> dict[str, Any]:
         strs = run.str_tokens(i)
-        examples.append({"prompt": i, "position": pos, "token": strs[pos], "activation": value,
-                         "context": "".join(strs[max(0, pos - 6): pos + 1])})
+        return {"prompt": i, "position": pos, "token": strs[pos], "activation": value,
+                "context": "".join(strs[max(0, pos - 6): pos + 1])}
+
     up, up_v, down, down_v = promoted_tokens(ro, layer, n, k)
-    return {"neuron": f"L{layer}N{n}", "layer": layer, "index": n, "top_activations": examples,
+    return {"neuron": f"L{layer}N{n}", "layer": layer, "index": n,
+            "top_activations": [example(*b) for b in best[:k]],
+            "bottom_activations": [example(*w) for w in worst[:k]],
             "promotes": [{"token": s, "id": t, "value": v} for s, t, v in zip(model.str_tokens(up), up, up_v)],
             "suppresses": [{"token": s, "id": t, "value": v}
                            for s, t, v in zip(model.str_tokens(down), down, down_v)]}
@@ -433,6 +440,10 @@ def neurons_text(result: Result) -> str:
                      + "; suppresses " + ", ".join(repr(t["token"]) for t in nd["suppresses"][:8]))
         for e in nd["top_activations"]:
             lines.append(f"  {e['activation']:8.3f}  prompt {e['prompt']}, position {e['position']}: {e['context']!r}")
+        if nd.get("bottom_activations"):
+            lines.append("  most negative activations:")
+        for e in nd.get("bottom_activations", []):
+            lines.append(f"  {e['activation']:8.3f}  prompt {e['prompt']}, position {e['position']}: {e['context']!r}")
         lines.append("")
     return "\n".join(lines).rstrip()
 
@@ -440,7 +451,7 @@ def neurons_text(result: Result) -> str:
 NEURONS = Analysis(
     name="neurons",
     description="MLP neurons by activation x direct effect on the target logit; a neuron's top tokens and outputs",
-    version="1",
+    version="2",  # 2: described neurons list their most negative activations too
     compute=neurons_compute,
     needs=("lens", "*blocks.*.mlp.hook_post"),
     needs_model=True,
@@ -448,7 +459,8 @@ NEURONS = Analysis(
     params=(*_TARGET_PARAMS, Param("top", int, 10, "neurons listed per prompt", min=1),
             Param("neuron", str, "", "a neuron to describe, L<layer>N<index> (default: the first prompt's top ones)"),
             Param("detail", int, 3, "how many of the first prompt's top neurons to describe", min=0),
-            Param("examples", int, 10, "top-activating tokens and promoted tokens per neuron", min=1)),
+            Param("examples", int, 10, "top and most negative activations, and promoted tokens, per neuron",
+                  min=1)),
     render_text=neurons_text,
 )
 

@@ -237,5 +237,9 @@ class NeuronsView(PromptView):
             t.append(", ".join(repr(x["token"]) for x in nd["suppresses"][:6]))
             for e in nd["top_activations"][:5]:
                 t.append(f"\n  {e['activation']:7.3f}  {e['context']!r}", style="dim")
+            if nd.get("bottom_activations"):
+                t.append("\n  most negative:", style="red")
+            for e in nd.get("bottom_activations", [])[:3]:
+                t.append(f"\n  {e['activation']:7.3f}  {e['context']!r}", style="dim")
             parts.append(t)
         return Group(*parts)

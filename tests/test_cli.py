@@ -150,3 +150,31 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "workbench"  # the venv's, whatever PATH says
     out = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and "workbench, version" in out.stdout
+
+
+def test_tui_export_dir_is_created_or_a_one_line_error(tmp_path, monkeypatch):
+    import workbench.tui
+    from workbench.store.synthetic import write_synthetic_run
+
+    path = write_synthetic_run(tmp_path / "syn.h5", n_prompts=2, seed=1)
+    started = []
+
+    class App:  # stands in for the app: only whether and with what it would start
+        def __init__(self, export_dir):  # type: ignore[no-untyped-def]
+            self.export_dir = export_dir
+
+        def run(self) -> None:
+            started.append(self.export_dir)
+
+    monkeypatch.setattr(workbench.tui, "make_app", lambda paths, **kw: App(kw["export_dir"]))
+    target = tmp_path / "shots" / "deep"
+    result = run("tui", str(path), "--export-dir", str(target))
+    assert result.exit_code == 0, result.output
+    assert target.is_dir() and started == [target]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for folder, message in ((blocker / "sub", "cannot create it"), (blocker, "exists and is not a folder")):
+        result = run("tui", str(path), "--export-dir", str(folder))
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert started == [target]

@@ -218,6 +218,43 @@ def test_words_of_several_tokens_are_skipped_with_the_reason(llama_run):
     assert "skipped ' king'" not in build_analyses().get("embeddings").text(out.stored.result())
 
 
+def test_words_outside_the_vocabulary_are_skipped_with_a_warning(tmp_path, capsys):
+    """The toys' word-level tokenizer maps every word it lacks to '<pad>': 'king - man + woman'
+    must not become '<pad> - <pad> + <pad>'."""
+    model = workbench.load_model("toy-induction", device="cpu", progress=False)
+    out = tmp_path / "toy.h5"
+    workbench.capture(model, ["a b c a b c"], hooks=["residual"], out=out, progress=False)
+    run = workbench.open_run(out)
+    emb = build_analyses().get("embeddings")
+    capsys.readouterr()
+    [o] = analyze(run, [emb], model=model)  # the defaults: no word is in the vocabulary
+    d = o.stored.data
+    words = [w.strip() for w in D.DEFAULT_WORDS.split(",")]
+    assert o.ok and d["tokens"] == [] and [s["word"] for s in d["skipped"]] == words
+    assert all("not in the vocabulary" in s["reason"] and "'<pad>'" in s["reason"] for s in d["skipped"])
+    assert d["analogy"]["unknown"] == ["king", "man", "woman"] and "terms" not in d["analogy"]
+    (warning,) = d["warnings"]
+    assert warning.startswith("embeddings: skipped 10 word(s) not in toy-induction's vocabulary")
+    assert all(repr(w) in warning for w in words)
+    assert f"workbench: warning: {warning}" in capsys.readouterr().err
+    assert f"warning: {warning}" in emb.text(o.stored.result())
+    [o] = analyze(run, [emb], {"embeddings": {"tokens": "a, b, king", "analogy": "a - b + zebra"}}, model=model)
+    d = o.stored.data
+    assert [t["token"] for t in d["tokens"]] == ["a", "b"] and [s["word"] for s in d["skipped"]] == ["king"]
+    assert d["analogy"]["unknown"] == ["zebra"] and d["warnings"][0].endswith(": 'king', 'zebra'")
+    [o] = analyze(run, [emb], {"embeddings": {"tokens": "a, b, c", "analogy": "a - b + c"}}, model=model)
+    d = o.stored.data
+    assert d["warnings"] == [] and [t["id"] for t in d["analogy"]["terms"]] == [
+        model.tokenizer.convert_tokens_to_ids(w) for w in "abc"]
+    r = _cli("analyze", str(out), "embeddings", "--param", "embeddings.tokens=king,queen")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "'king', 'queen', 'man', 'woman'" in last and "nothing is left to show" in last
+    r = _cli("analyze", str(out), "direction", "--param", "direction.source=tokens", "--param", "direction.a=king",
+             "--param", "direction.b=a")
+    assert r.returncode == 2 and "'king' is not in the vocabulary" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
 def test_token_and_file_directions(llama_run, tmp_path):
     run, model = llama_run
     hf = model.bridge.original_model

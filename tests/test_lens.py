@@ -255,6 +255,32 @@ def test_neuron_terms_equal_transformer_lens_and_add_up_to_the_mlp(gpt2_run):
     assert [t["id"] for t in nd["suppresses"]] == torch.topk(-scores, 3).indices.tolist()
 
 
+def test_described_neurons_list_their_most_negative_activations_too(gpt2_run):
+    """A neuron's term is activation x effect: one whose effect is negative helps the target
+    through its negative activations, so both ends are listed (numpy on the stored activations)."""
+    run, model = gpt2_run
+    [out] = analyze(run, [build_analyses().get("neurons")], {"neurons": {"detail": 2, "examples": 3}}, model=model)
+    assert out.ok, out.stored.error
+    assert len(out.stored.data["neurons"]) == 2
+    for nd in out.stored.data["neurons"]:
+        cols = [run.activation(f"blocks.{nd['layer']}.mlp.hook_post", j)[:, nd["index"]].astype(np.float64)
+                for j in range(len(run))]
+        flat = np.concatenate(cols)
+        where = [(j, p) for j, c in enumerate(cols) for p in range(len(c))]
+        order = np.lexsort((np.arange(len(flat)), flat))  # ascending; ties by prompt, then position
+        want = [k for k in order if flat[k] < 0][:3]
+        assert len(want) == 3  # tiny GPT-2's GELU neurons do go negative
+        got = nd["bottom_activations"]
+        assert [e["activation"] for e in got] == pytest.approx(flat[want].tolist())
+        assert [(e["prompt"], e["position"]) for e in got] == [where[k] for k in want]
+        for e in got:
+            assert e["token"] == run.str_tokens(e["prompt"])[e["position"]] and e["activation"] < 0
+        assert [e["activation"] for e in nd["top_activations"]] == pytest.approx(np.sort(flat)[::-1][:3].tolist())
+    text = build_analyses().get("neurons").text(out.stored.result())
+    first = out.stored.data["neurons"][0]["bottom_activations"][0]
+    assert "most negative activations:" in text and f"{first['activation']:8.3f}  prompt {first['prompt']}" in text
+
+
 def test_post_norm_models_are_refused_and_bad_parameters_exit_2(gpt2_run, tmp_path):
     bert = tmp_path / "bert.h5"
     proc = _cli("capture", "-m", "tiny-bert", "--prompt", "hello world", "--for", "dla", "-o", str(bert))
@@ -385,7 +411,7 @@ def test_views_draw_follow_the_prompt_and_change_temperature(gpt2_run):
                         await pilot.press("minus")
                     assert widget.temperature == 0.0 and "100.00%" in plain(widget)
                 elif isinstance(widget, NeuronsView):
-                    assert "MLP neurons" in text and "promotes" in text
+                    assert "MLP neurons" in text and "promotes" in text and "most negative:" in text
             assert set(seen) == {LensGridView, DLAView, DistributionView, NeuronsView}
 
     asyncio.run(main())

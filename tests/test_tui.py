@@ -584,3 +584,202 @@ def test_encoder_decoder_cross_attention_view(tmp_path, tiny_models):
     assert name in text and "cross-attention" in text
     q = min(1, len(q_tokens) - 1)
     assert readout == f"query {q} {q_tokens[q]!r} → key 2 {k_tokens[2]!r}: {float(pattern[0, q, 2]):.4f}"
+
+
+# --- results: the selection, keys without the mouse, views that follow the focus ------------------
+
+
+@pytest.fixture(scope="module")
+def results_run(tmp_path_factory, tiny_models):
+    """A tiny-Llama run with results of head-roles (a view with a table and a look panel that
+    follows the focus) and next-token (no view: the generic one)."""
+    from workbench.registries import analyze, build_analyses
+
+    model = tiny_models["tiny-llama"]
+    out = tmp_path_factory.mktemp("tui-results") / "roles.h5"
+    workbench.capture(model, ["the cat sat on the mat", "a b c a b c"], hooks=["attention", "residual"],
+                      out=out, progress=False)
+    with workbench.open_run(out) as run:
+        outcomes = analyze(run, [build_analyses().get(a) for a in ("head-roles", "next-token")],
+                           {"head-roles": {"seqs": 2}}, model=model)
+        assert all(o.ok for o in outcomes)
+    return out
+
+
+def _entry(app, analysis):  # type: ignore[no-untyped-def]
+    from workbench.tui.results import ResultsPanel
+
+    return next(k for k, (s, _) in enumerate(app.query_one(ResultsPanel).entries) if s.analysis == analysis)
+
+
+def _notes(app):  # type: ignore[no-untyped-def]
+    """Record the app's notifications (error toasts included)."""
+    seen: list[tuple[str, str]] = []
+    notify = app.notify
+
+    def record(message, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((kwargs.get("severity", "information"), message))
+        return notify(message, **kwargs)
+
+    app.notify = record
+    return seen
+
+
+def test_results_mark_the_entry_on_screen_and_tab_reaches_the_views_keys(results_run):
+    from textual.widgets import DataTable
+    from workbench_plugins.attention_view import HeadRolesView
+
+    from workbench.tui.results import ResultsPanel
+
+    app = make_app([str(results_run)], view="results")
+
+    async def steps(pilot):  # type: ignore[no-untyped-def]
+        await pilot.pause()
+        panel = app.query_one(ResultsPanel)
+        listing = panel.query_one("#result-list")
+
+        def marked():  # type: ignore[no-untyped-def]
+            return [k for k in range(listing.option_count)
+                    if str(listing.get_option_at_index(k).prompt).startswith(ResultsPanel.MARK)]
+
+        seen = {"first": marked()}
+        await pilot.press("tab")  # from the prompt list to the results list
+        seen["list focused"] = app.focused is listing
+        roles, generic = _entry(app, "head-roles"), _entry(app, "next-token")
+        while listing.highlighted != roles:
+            await pilot.press("down")
+        await pilot.pause()
+        seen["roles marked"] = marked() == [roles]
+        view = app.query_one(HeadRolesView)
+        await pilot.press("tab")  # straight into the view's table: its keys work
+        seen["table focused"] = isinstance(app.focused, DataTable) and app.focused in view.query(DataTable)
+        before = view.sort_by
+        await pilot.press("o")
+        seen["sorted"] = (before, view.sort_by)
+        await pilot.press("shift+tab")
+        seen["back"] = app.focused is listing
+        while listing.highlighted != generic:
+            await pilot.press("down")
+        await pilot.pause()
+        seen["generic marked"] = marked() == [generic]
+        await pilot.press("tab")  # a view without a focusable widget: its scrolling body
+        seen["body focused"] = app.focused is panel.query_one("#result-body")
+        return seen
+
+    seen = drive(app, steps, size=(120, 40))
+    assert seen["first"] == [0] and seen["list focused"] and seen["roles marked"], seen
+    assert seen["table focused"] and seen["sorted"] == ("induction", "first_token"), seen
+    assert seen["back"] and seen["generic marked"] and seen["body focused"], seen
+
+
+def test_a_view_being_swapped_out_or_in_follows_quietly(results_run):
+    """'b' (and any focus change) while the results panel swaps a head-roles view out used to ask
+    the half-removed view to follow (Textual removes the look panel before the view itself):
+    'view HeadRolesView failed to follow the focus: NoMatches(... LookPanel ...)'."""
+    from textual import events
+    from workbench_plugins.attention_view import HeadRolesView, LookPanel
+
+    app = make_app([str(results_run)], view="results")
+    notes = _notes(app)
+
+    async def steps(pilot):  # type: ignore[no-untyped-def]
+        await pilot.pause()
+        listing = app.query_one("#result-list")
+        listing.focus()
+        roles, other = _entry(app, "head-roles"), _entry(app, "next-token")
+        step = "down" if other > roles else "up"
+        back = "up" if step == "down" else "down"
+        for _ in range(3):
+            listing.highlighted = roles
+            await pilot.pause()
+            for k in [step] * abs(other - roles) + ["b", "right"]:  # no pause: mid-swap
+                app.post_message(events.Key(k, None))
+            for k in [back] * abs(other - roles) + ["b", "left"]:  # and back in, mid-mount
+                app.post_message(events.Key(k, None))
+            await pilot.pause(0.3)
+        await pilot.press("right", "right")
+        await pilot.pause()
+        return app.query_one(HeadRolesView).query_one(LookPanel).shown, app.focus_state.pos
+
+    shown, pos = drive(app, steps, size=(120, 40))
+    assert [n for n in notes if n[0] == "error"] == []
+    assert shown == (0, pos) and pos == 2  # the view on screen still follows the focus
+
+
+def test_follow_before_compose_is_a_no_op(results_run):
+    from workbench_plugins.attention_view import AttendsToView, HeadRolesView
+
+    from workbench.store.results import list_results
+    from workbench.tui.state import Focus
+
+    with workbench.open_run(results_run) as run:
+        stored = next(s for s in list_results(run) if s.analysis == "head-roles")
+        for view in (HeadRolesView(stored, run), AttendsToView(stored, run)):
+            view.follow(run, Focus(prompt=0))  # not composed: nothing to update, no error
+
+
+class FailingFollowPlugin:
+    """A view whose ``follow`` has a real bug."""
+
+    @hookimpl
+    def register_analyses(self, register):  # type: ignore[no-untyped-def]
+        register(Analysis(name="follow-bug", description="a result", version="1",
+                          compute=lambda ctx: Result(data={"n": len(ctx.run)})))
+
+    @hookimpl
+    def register_views(self, register):  # type: ignore[no-untyped-def]
+        from workbench import View
+
+        def make(stored, run):  # type: ignore[no-untyped-def]
+            from textual.widgets import Static
+
+            class Buggy(Static):
+                def follow(self, run, focus):  # type: ignore[no-untyped-def]
+                    raise RuntimeError("a bug in the view")
+
+            return Buggy("buggy")
+
+        register(View(name="follow-bug-view", analysis="follow-bug", title="buggy", make=make))
+
+
+def test_a_view_with_a_real_bug_is_reported_once_and_logged(synthetic, workbench_register_plugin, caplog):
+    from workbench.registries import analyze, build_analyses
+
+    workbench_register_plugin(FailingFollowPlugin(), name="follow-bug")
+    with workbench.open_run(synthetic) as run:
+        analyze(run, [build_analyses().get("follow-bug")])
+    app = make_app([str(synthetic)], view="results")
+    notes = _notes(app)
+
+    async def steps(pilot):  # type: ignore[no-untyped-def]
+        await pilot.pause()
+        shown = len(notes)
+        await pilot.press("right", "right")  # not asked again
+        await pilot.pause()
+        return shown
+
+    with caplog.at_level("ERROR", logger="workbench.tui.app"):
+        shown = drive(app, steps)
+    errors = [m for s, m in notes if s == "error"]
+    assert errors and len(notes) == shown
+    assert all(m == "view Buggy failed to follow the focus: RuntimeError('a bug in the view')" for m in errors)
+    records = [r for r in caplog.records if "failed to follow" in r.getMessage()]
+    assert len(records) == len(errors) and all(r.exc_info and "a bug in the view" in str(r.exc_info[1])
+                                               for r in records)
+
+
+def test_run_view_shows_the_installed_transformer_lens_version(llama_run):
+    """TransformerLens 4 has no ``__version__``: the capture records the package's version."""
+    from importlib.metadata import version
+
+    _, _, out = llama_run
+    expected = version("transformer-lens")
+    assert workbench.open_run(out).capture_settings.versions["transformer_lens"] == expected
+    app = make_app([str(out)], view="info")
+
+    async def steps(pilot):  # type: ignore[no-untyped-def]
+        await pilot.pause()
+        return plain(app.view_widget())
+
+    text = drive(app, steps, size=(160, 40))
+    assert f"transformer_lens {expected}" in text, text

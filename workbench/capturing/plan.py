@@ -249,6 +249,17 @@ def make_plan(
                        first_index=first_index)
 
 
+def package_version(distribution: str, module: Any = None) -> str:
+    """The installed version of ``distribution``, from its package metadata (TransformerLens 4
+    has no ``__version__``), else ``module.__version__``, else ``unknown``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return str(getattr(module, "__version__", "unknown"))
+
+
 def build_settings(plan: CapturePlan, hooks_requested: list[str], truncate: bool) -> RunSettings:
     """The settings document of a new run of ``plan`` (a fresh ``run_id``)."""
     import torch
@@ -290,7 +301,7 @@ def build_settings(plan: CapturePlan, hooks_requested: list[str], truncate: bool
             "workbench": __version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+            "transformer_lens": package_version("transformer-lens", transformer_lens),
         },
         resumed=[],
     )

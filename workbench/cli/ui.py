@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from workbench.cli.base import cli
+from workbench.errors import UserError
 
 # --- terminal UI and plots -------------------------------------------------------------------
 
@@ -17,8 +18,9 @@ from workbench.cli.base import cli
               default="attention", show_default=True, help="The view to open on.")
 @click.option("--prompt", "prompt_index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Index of the prompt to open on.")
-@click.option("--export-dir", type=click.Path(file_okay=False, exists=True), default=".",
-              help="Where 's' saves SVG screenshots.  [default: the current folder]")
+@click.option("--export-dir", type=click.Path(), default=".",
+              help="Where 's' saves SVG screenshots (created, with its parents, if missing).  "
+                   "[default: the current folder]")
 def tui_cmd(run_paths: tuple[str, ...], view: str, prompt_index: int, export_dir: str) -> None:
     """Browse runs in the terminal: prompts, tokens, attention heatmaps, residual-stream norms,
     top-k predictions, metadata, and analysis results (with their plugins' views).
@@ -30,7 +32,21 @@ def tui_cmd(run_paths: tuple[str, ...], view: str, prompt_index: int, export_dir
     from workbench.tui import make_app
 
     app = make_app(list(run_paths), view=view, prompt=prompt_index, export_dir=Path(export_dir))
+    export_folder(export_dir)  # after the runs: a run that cannot be opened is the first error
     app.run()
+
+
+def export_folder(path: str) -> Path:
+    """``--export-dir``: the folder, created with its parents if missing; a UserError (one line,
+    exit 2) if it cannot be."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"--export-dir {path}: exists and is not a folder") from None
+    except OSError as exc:
+        raise UserError(f"--export-dir {path}: cannot create it ({exc.strerror or exc})") from None
+    return folder
 
 
 @cli.command("plot")

@@ -247,7 +247,7 @@ class WorkbenchApp(App[None]):
                 continue  # not composed yet: the results panel asks it once it is mounted
             try:
                 widget.follow(self.active_run, self.focus_state)
-            except Exception as exc:  # noqa: BLE001 - a plugin's view must not take the app down
+            except Exception as exc:  # a plugin's view must not take the app down
                 log.exception("view %s failed to follow the focus", type(widget).__name__)
                 widget.remove_class("result-view")  # asked once, not on every key
                 self.notify(f"view {type(widget).__name__} failed to follow the focus: {exc!r}",

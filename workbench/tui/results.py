@@ -1,6 +1,12 @@
 """The results panel: a run's stored analysis results, each shown by the view its plugin
 registered (``register_views``) or by the generic view (tables for records, shaded grids for 2-D
-arrays) when none is."""
+arrays) when none is.
+
+The entry on screen is marked (``▶``) whether or not the list has the focus, and Tab goes from the
+list straight into the view's first focusable widget (its keys then work without the mouse; a view
+with none gets the scrolling body instead). A plugin view is asked to follow the focus (class
+``result-view``) only while it is mounted: from the end of its mount to the start of its removal.
+"""
 
 from __future__ import annotations
 
@@ -99,11 +105,18 @@ class ResultsPanel(Horizontal):
     ResultsPanel { height: 1fr; }
     ResultsPanel > #result-list { width: 22; height: 1fr; }
     ResultsPanel > #result-body { width: 1fr; height: 1fr; padding: 0 1; }
+    ResultsPanel > #result-list > .option-list--option-highlighted { text-style: bold; }
+    ResultsPanel DataTable > .datatable--cursor { text-style: bold; }
     """
+    MARK = "▶ "
+    """Prefix of the entry on screen (the list's highlight alone is faint while it lacks focus)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.entries: list[tuple[StoredResult, View | None]] = []
+        self.labels: list[Text] = []
+        self.shown: int | None = None
+        """Index of the entry whose view is on screen."""
         self.run: Run | None = None
         self.views: ViewRegistry | None = None
 
@@ -119,7 +132,7 @@ class ResultsPanel(Horizontal):
         self.run, self.views = run, views
         listing = self.query_one("#result-list", OptionList)
         listing.clear_options()
-        self.entries = []
+        self.entries, self.labels, self.shown = [], [], None
         for stored in list_results(run):
             views_for: list[View | None] = list(views.for_analysis(stored.analysis)) if stored.ok else []
             for view in (views_for or [None]):
@@ -130,7 +143,8 @@ class ResultsPanel(Horizontal):
                 if stored.params:
                     label.append(" " + " ".join(f"{k}={v}" for k, v in stored.params.items()), style="dim")
                 label.append(f"\n  {how}" + (f" · {state}" if state else ""), style="dim")
-                listing.add_option(Option(label))
+                self.labels.append(label)
+                listing.add_option(Option(self._label(len(self.labels) - 1)))
         if not self.entries:
             self._swap_later([Static(Text("no analysis results stored for this run yet: press a to "
                                           "run one", style="dim"))])
@@ -139,6 +153,17 @@ class ResultsPanel(Horizontal):
         if select is not None:
             index = next((k for k, (s, _) in enumerate(self.entries) if s.analysis == select), 0)
         listing.highlighted = index  # opens it (the highlight event)
+
+    def _label(self, index: int) -> Text:
+        return Text.assemble(self.MARK if index == self.shown else " " * len(self.MARK), self.labels[index])
+
+    def _mark(self, index: int | None) -> None:
+        """Mark entry ``index`` as the one on screen (and unmark the one before)."""
+        before, self.shown = self.shown, index
+        listing = self.query_one("#result-list", OptionList)
+        for k in {before, index} - {None}:
+            if k is not None and k < len(self.labels) and k < listing.option_count:
+                listing.replace_option_prompt_at_index(k, self._label(k))
 
     def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
         if event.option_list.id == "result-list" and event.option_index is not None:
@@ -149,28 +174,37 @@ class ResultsPanel(Horizontal):
             return
         stored, view = self.entries[index]
         widgets: list[Any] = []
+        follower = None
         if view is None:
             widgets.append(GenericResultView(stored))
         else:
             try:
-                widget = view.make(stored, self.run)
-                widget.add_class("result-view")
-                widgets.append(widget)
+                follower = view.make(stored, self.run)
+                widgets.append(follower)
             except Exception as exc:  # noqa: BLE001 - a plugin's view must not take the app down
                 widgets.append(Static(Text(f"view {view.name} ({view.plugin}) failed: {exc!r}\n",
                                            style="red")))
                 widgets.append(GenericResultView(stored))
-        self._swap_later(widgets)
+        self._mark(index)
+        self._swap_later(widgets, follower)
 
-    def _swap_later(self, widgets: list[Any]) -> None:
+    def _swap_later(self, widgets: list[Any], follower: Any = None) -> None:
         # Removing children completes asynchronously: mount the new view only after the old one
         # is gone (a plugin's widget may carry a fixed id). Swaps run in order.
-        self.call_later(self._swap, widgets)
+        self.call_later(self._swap, widgets, follower)
 
-    async def _swap(self, widgets: list[Any]) -> None:
+    async def _swap(self, widgets: list[Any], follower: Any = None) -> None:
         body = self.query_one("#result-body", VerticalScroll)
+        # Textual removes a widget's children before the widget itself: a view still in the DOM
+        # may already have lost its parts, so it stops following before its removal starts ...
+        for old in body.query(".result-view"):
+            old.remove_class("result-view")
         await body.remove_children()
         await body.mount_all(widgets)
+        # ... and starts once it is mounted (composed: its parts exist).
+        body.can_focus = not any(w.focusable for w in body.query("*"))  # Tab: into the view
+        if follower is not None and follower.is_attached:
+            follower.add_class("result-view")
         follow = getattr(self.app, "follow_results", None)
         if callable(follow):
             follow()
