@@ -199,7 +199,7 @@ class ProjectionView(PromptView):
         start, end = rec.get("span", (0, n))  # colours scale to the prompt's own tokens (not a decoder's sink)
         scale = float(np.abs(values[start:end]).max()) or 1.0
         cols = self.columns(n)
-        strs = self.run.str_tokens(self.prompt)
+        strs = [t.label for t in self.run.display_tokens(self.prompt)]  # byte pieces as <E4>
         sep = {x["layer"]: x for x in d["separation"]}
         label = f" · {d['field']}={rec['label']!r}" if rec.get("label") is not None else ""
         title = Text.assemble(("projection onto ", "bold"), (d["direction"], "bold yellow"),

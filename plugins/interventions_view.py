@@ -44,7 +44,7 @@ class _InterventionView(PromptView):
         n = rec["n_tokens"]
         pos = min(self.pos, n - 1)
         cols = self.columns(n)
-        strs = self.run.str_tokens(self.prompt)
+        strs = [t.label for t in self.run.display_tokens(self.prompt)]  # byte pieces as <E4>
         table = Table(box=None, pad_edge=False, header_style="bold")
         table.add_column("layer", justify="right")
         for p in cols:

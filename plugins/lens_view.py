@@ -52,13 +52,13 @@ class LensGridView(PromptView):
         labels = self.data["layers"]
         off, n = rec["offset"], rec["n_tokens"]
         pos = min(self.pos, n - 1)
-        strs = self.run.str_tokens(self.prompt)
+        strs = [t.label for t in self.run.display_tokens(self.prompt)]  # byte pieces as <E4>
         cols = self.columns(n)
         top = self.arrays["top_ids"][off : off + n, :, 0]
         probs = self.arrays["top_probs"][off : off + n, :, 0]
         rank = self.arrays["target_rank"][off : off + n]
         targets = self.arrays["target_ids"][off : off + n]
-        names = self.run.token_strings(np.unique(top[list(cols)]).tolist())
+        names = [t.label for t in self.run.display_ids(np.unique(top[list(cols)]))]
         decode = dict(zip(np.unique(top[list(cols)]).tolist(), names))
         title = Text.assemble(("logit lens", "bold"), f" · prompt {self.prompt} · ",
                               ("target rank" if self.show_rank else "top token, shaded by probability"),
@@ -76,7 +76,7 @@ class LensGridView(PromptView):
                 else:
                     cells.append(Text(short(decode[int(top[p, r])], 7), style=shade(float(probs[p, r]))))
             table.add_row(labels[r], *cells)
-        target_row = [Text(short(self.run.token_strings([int(t)])[0], 7) if t >= 0 else "-", style="italic")
+        target_row = [Text(short(self.run.display_ids([int(t)])[0].label, 7) if t >= 0 else "-", style="italic")
                       for t in (targets[p] for p in cols)]
         table.add_row(Text("target", style="italic"), *target_row)
         return Group(title, table, self.detail(off, pos, strs))
@@ -85,14 +85,14 @@ class LensGridView(PromptView):
         labels = self.data["layers"]
         t = off + pos
         ids = self.arrays["top_ids"][t, -1].tolist()
-        words = self.run.token_strings(ids)
+        words = [t.label for t in self.run.display_ids(ids)]
         text = Text(f"\nposition {pos} {strs[pos]!r}: output ")
         text.append(", ".join(f"{w!r} {p:.1%}" for w, p in zip(words, self.arrays["top_probs"][t, -1])))
         target = int(self.arrays["target_ids"][t])
         if target >= 0:
             ranks = self.arrays["target_rank"][t]
             first = next((labels[r] for r in range(len(labels)) if ranks[r] == 1), None)
-            text.append(f"\ntarget {self.run.token_strings([target])[0]!r}: rank "
+            text.append(f"\ntarget {self.run.display_ids([target])[0].describe()}: rank "
                         + " → ".join(f"{int(ranks[r])}" for r in range(0, len(labels), max(1, len(labels) // 8)))
                         + f" → {int(ranks[-1])} (every {max(1, len(labels) // 8)} layers)"
                         + (f"; first top-1 after layer {first}" if first else ""))
@@ -198,7 +198,7 @@ class DistributionView(PromptView):
                              f"   entropy {entropy:.3f} nats · top-{k} mass {cum[min(k, len(p)) - 1]:.1%} · "
                              f"top-p {top_p:g} takes {nucleus} token{'s' if nucleus != 1 else ''}",
                              ("   +/-: temperature · r: resample", "dim"))
-        words = self.run.token_strings(order[: self.shown].tolist())
+        words = [t.label for t in self.run.display_ids(order[: self.shown])]
         table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
         for col, just in (("token", "right"), ("logit", "right"), ("prob", "right"), ("", "left")):
             table.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -206,7 +206,7 @@ class DistributionView(PromptView):
             table.add_row(repr(w), f"{logits[t]:.2f}", f"{p[t]:.2%}", bar(float(p[t]), 1.0, 30))
         rng = np.random.default_rng([self.seed, self.prompt, self.t_index])
         samples = rng.choice(len(p), size=self.n_samples, p=p)
-        sample_words = self.run.token_strings(samples.tolist())
+        sample_words = [t.label for t in self.run.display_ids(samples)]
         foot = Text(f"samples (seed {self.seed}): " + " ".join(repr(w) for w in sample_words), style="dim")
         return Group(head, table, foot)
 

@@ -75,8 +75,8 @@ def plot_attention(run: Run, i: int, out: str, *, hook: str | None = None, layer
     pattern = run.activation(hook, i)
     if not 0 <= head < pattern.shape[0]:
         raise UserError(f"head {head} does not exist: {hook} has heads 0..{pattern.shape[0] - 1}")
-    q_tokens, k_tokens = run.axis_tokens(hook, i)[1:]
-    assert q_tokens is not None and k_tokens is not None
+    q_tokens, k_tokens = ([t.label for t in run.display_tokens(i, s)]
+                          for s in run.resolve(hook).square_streams())
     plt = _pyplot()
     raw = pattern[head].astype(np.float64)
     if scores:
@@ -111,7 +111,7 @@ def plot_residual(run: Run, i: int, out: str, *, log: bool = True, sink: str = "
     labels, norms = residual_norms(run, i)
     if not labels:
         raise UserError("this run stores no residual stream (capture with --hooks residual)")
-    tokens = run.str_tokens(i)
+    tokens = [t.label for t in run.display_tokens(i)]  # byte pieces as <E4>, specials by name
     notes = []
     skip = sink == "skip" or (sink == "auto" and sink_position(run, norms))
     scaled = norms[:, 1:] if skip and norms.shape[1] > 1 else norms

@@ -128,7 +128,8 @@ class CapturePlan:
             expected_batches=-(-n // self.batch_size),
             expected_elements={h.name: sum(h.elements_for(self.lengths(i)) for i in range(n))
                                for h in self.hooks.specs if h.layout == "square"},
-            vocab=self.model.vocab_strings(),
+            vocab=self.model.vocab_strings(), vocab_bytes=self.model.vocab_bytes(),
+            special_ids=self.model.special_ids(),
         )
 
     def summary(self) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -57,7 +58,7 @@ def demo_cmd(model_name: str, device: str, bos: str | None, out: str, open_tui: 
                    for t, lp in zip(top_ids[-1, :5], top_lp[-1, :5])]
             pred = Prediction(prompt=run.prompt(k), token_ids=ids, str_tokens=run.str_tokens(k),
                               position=len(ids) - 1, top=top, bos_policy=run.capture_settings.bos)
-            print_prediction(console, pred, show_ids=True)
+            print_prediction(console, pred, show_ids=True, table=run.token_table)
             answer = run.metadata(k).get("answer")
             if answer is not None:
                 rank = [t.token for t in top].index(answer) + 1 if answer in [t.token for t in top] else None
@@ -205,6 +206,11 @@ def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tup
         commit_seconds=commit_seconds, workers=workers, ray_address=ray_address,
         worker_cpus=worker_cpus, worker_gpus=worker_gpus, units=units,
     )
+    if generate and not dry_run and out:
+        from workbench.store import open_run
+
+        with open_run(out) as run:
+            print_generated(run, min(len(run), GENERATED_SHOWN))
     if dry_run:
         plan = result.plan
         for line in plan.summary():
@@ -233,12 +239,16 @@ def inspect_cmd(run_path: str, as_json: bool, n_show: int) -> None:
     """Summarise a run (finished, still being written, or interrupted) without loading the model."""
     from workbench.store import open_run
     from workbench.store.results import list_results
+    from workbench.store.tokens_display import generated_text
 
     if show_shard_progress(run_path, as_json):
         return
     with open_run(run_path) as run:
         summary = run.summary(n_show)
         summary["results"] = [r.record(run) for r in list_results(run)]
+        if run.has_generation:
+            for p in summary["first_prompts"]:
+                p["generated"] = generated_text(run, p["index"])
         if as_json:
             click.echo(json.dumps(summary, indent=2))
             return
@@ -267,6 +277,8 @@ def inspect_cmd(run_path: str, as_json: bool, n_show: int) -> None:
             click.echo(f"  [{p['index']}] {p['id']} ({p['n_tokens']} tokens) {text!r}{meta}")
         if len(run) > len(summary["first_prompts"]):
             click.echo(f"  ... {len(run) - len(summary['first_prompts']):,} more")
+        if run.has_generation:
+            print_generated(run, len(summary["first_prompts"]))
         results = list_results(run)
         if results:
             click.echo(f"results  {len(results)} beside the run, in {results[0].path.parent}")
@@ -277,6 +289,23 @@ def inspect_cmd(run_path: str, as_json: bool, n_show: int) -> None:
                           if not r.computed_on(run) else
                           f" (covers {r.meta.get('n_prompts')} prompts)")
             click.echo(f"  {r.analysis} {r.version}  {format_params(r.params)}{state}")
+
+
+GENERATED_SHOWN = 20  # generated texts printed after a capture (inspect -n shows more)
+
+
+def print_generated(run: Any, n: int) -> None:
+    """The text generated after each of the first ``n`` prompts of a generated run, beside its
+    prompt: the generated tokens' bytes decoded together (byte-level pieces joined into their
+    characters)."""
+    from workbench.store.tokens_display import generated_text
+
+    each = run.capture_settings.generation or {}
+    click.echo(f"generated  {each.get('n', '?')} tokens after each prompt (prompt → continuation):")
+    for i in range(n):
+        click.echo(f"  [{i}] {run.prompt_id(i)} {run.prompt(i)!r} → {generated_text(run, i)!r}")
+    if len(run) > n:
+        click.echo(f"  ... {len(run) - n:,} more ('workbench inspect RUN -n N' shows N)")
 
 
 def show_shard_progress(run_path: str, as_json: bool) -> bool:

@@ -142,20 +142,30 @@ def describe_cmd(model_name: str, as_json: bool, show_hooks: bool, device: str, 
 # --- predict / demo -------------------------------------------------------------------------------
 
 
-def print_prediction(console: Any, pred: Any, show_ids: bool) -> None:
+def print_prediction(console: Any, pred: Any, show_ids: bool, table: Any = None) -> None:
+    """``table`` (a :class:`~workbench.store.tokens_display.TokenTable`: each id's bytes, the
+    special tokens) shows byte-level pieces as their bytes and special tokens by name."""
     from rich.table import Table
     from rich.text import Text
 
+    from workbench.store.tokens_display import byte_groups, show_tokens
+
+    shown = show_tokens(pred.token_ids, pred.str_tokens, table)
+    top_shown = show_tokens([t.id for t in pred.top], [t.token for t in pred.top], table, sequence=False)
     toks = Text()
-    for j, (tid, s) in enumerate(zip(pred.token_ids, pred.str_tokens)):
+    for j, (tid, s) in enumerate(zip(pred.token_ids, shown)):
         if j:
             toks.append("\u2502", style="dim")  # a bar between tokens; spaces shown as a dot
-        shown = repr(s)[1:-1].replace(" ", "\u00b7") or "\u2400"
-        toks.append(shown, style="reverse" if j == pred.position else "")
+        label = repr(s.label)[1:-1] if s.kind == "text" else s.label
+        toks.append(label.replace(" ", "\u00b7") or "\u2400", style="reverse" if j == pred.position else "")
         if show_ids:
             toks.append(f"[{tid}]", style="dim")
     console.print(Text.assemble(("prompt ", "bold"), repr(pred.prompt)))
     console.print(Text.assemble((f"tokens ({len(pred.token_ids)}, bos={pred.bos_policy}) ", "bold"), toks))
+    groups = byte_groups(shown)
+    if groups and table is not None:  # the characters that byte pieces form together
+        console.print(Text.assemble(("characters ", "bold"), " \u00b7 ".join(
+            f"{table.text(pred.token_ids[a:b])} = tokens {a}-{b - 1}" for a, b in groups)))
     table = Table(title=f"{pred.kind} at position {pred.position}", title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("token")
@@ -164,9 +174,9 @@ def print_prediction(console: Any, pred: Any, show_ids: bool) -> None:
     with_logits = not all(math.isnan(t.logit) for t in pred.top)  # runs store log-probs only
     if with_logits:
         table.add_column("logit", justify="right")
-    for rank, t in enumerate(pred.top, 1):
+    for rank, (t, s) in enumerate(zip(pred.top, top_shown), 1):
         bar = "\u2588" * max(1, round(t.prob * 20)) if t.prob >= 0.025 else ""
-        cells = [str(rank), repr(t.token), str(t.id), f"{t.prob:7.2%} {bar}"]
+        cells = [str(rank), repr(t.token) if s.kind == "text" else s.label, str(t.id), f"{t.prob:7.2%} {bar}"]
         table.add_row(*cells, *([f"{t.logit:.2f}"] if with_logits else []))
     console.print(table)
 
@@ -184,15 +194,26 @@ def predict_cmd(prompts: tuple[str, ...], model_name: str, device: str, bos: str
 
     Encoders predict the token at [MASK]; encoder-decoders their first output token.
     """
+    from workbench.store.tokens_display import TokenTable, show_tokens
+
     model = load_with_spinner(model_name, device, bos)
     preds = [model.predict(p, k=k) for p in prompts]
+    table = TokenTable.from_pieces(model.vocab_bytes(), model.special_ids())
     if as_json:
-        click.echo(json.dumps({"model": model.info.to_dict(), "predictions": [p.to_dict() for p in preds]}, indent=2))
+        out = []
+        for p in preds:  # beside each token string, how it is shown (byte pieces as <E4>)
+            d = p.to_dict()
+            d["display_tokens"] = [t.label for t in show_tokens(p.token_ids, p.str_tokens, table)]
+            for t, s in zip(d["top"], show_tokens([t.id for t in p.top], [t.token for t in p.top],
+                                                  table, sequence=False)):
+                t["display"] = s.label
+            out.append(d)
+        click.echo(json.dumps({"model": model.info.to_dict(), "predictions": out}, indent=2))
         return
     console = make_console()
     console.print(f"[bold]{model.name}[/] ({model.info.family}, {model.info.n_layers} layers)")
     for pred in preds:
-        print_prediction(console, pred, show_ids)
+        print_prediction(console, pred, show_ids, table)
 
 
 # --- cache ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from rich.cells import cell_len, set_cell_size
 from rich.style import Style
 from rich.text import Text
 
@@ -55,12 +56,26 @@ def cell(value: float, vmax: float, cursor: bool = False, width: int = 2) -> Tex
 
 
 def token_label(token: str, width: int) -> str:
-    """A token as one visible line: spaces as ``·``, newlines and tabs escaped, cut to ``width``."""
+    """A token as one visible line: spaces as ``·``, newlines and tabs escaped, other control
+    characters as their byte (``<1B>``), cut to ``width`` terminal cells (a CJK character or an
+    emoji takes two). Give it a token's display label (``Run.display_tokens``), so that byte-level
+    pieces show as their bytes and special tokens by name."""
     shown = token.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥").replace("\r", "␍")
-    shown = re.sub(r"[\x00-\x1f\x7f]", "�", shown)
-    if len(shown) > width:
-        shown = shown[: max(1, width - 1)] + "…"
-    return shown
+    shown = re.sub(r"[\x00-\x1f\x7f]", lambda m: f"<{ord(m.group()):02X}>", shown)
+    return fit(shown, width)
+
+
+def fit(text: str, width: int) -> str:
+    """``text`` cut to at most ``width`` terminal cells, ending in ``…`` when cut."""
+    if cell_len(text) <= width:
+        return text
+    return set_cell_size(text, max(1, width - 1)).rstrip(" ") + "…"
+
+
+def pad(text: str, width: int, right: bool = False) -> str:
+    """``text`` padded with spaces to ``width`` terminal cells (``right``: aligned right)."""
+    room = " " * max(0, width - cell_len(text))
+    return room + text if right else text + room
 
 
 @dataclass
@@ -86,7 +101,7 @@ def grid(values: np.ndarray, rows: list[str], cols: list[str], cursor: tuple[int
     characters around ``cursor`` (row, col). The column header shows the cursor column's index
     and the first and last visible column indices."""
     n_rows, n_cols = values.shape
-    label_width = min(label_width, max(4, max((len(token_label(r, 99)) for r in rows), default=4)))
+    label_width = min(label_width, max(4, max((cell_len(token_label(r, 99)) for r in rows), default=4)))
     fit_cols = max(1, (width - label_width - 1) // cell_width)
     fit_rows = max(1, height - 1)
     rw = Window.around(n_rows, cursor[0], fit_rows)
@@ -100,7 +115,7 @@ def grid(values: np.ndarray, rows: list[str], cols: list[str], cursor: tuple[int
     out.append(" " * (label_width + 1) + head + "\n", style="dim")
     for r in range(rw.start, rw.stop):
         here = r == cursor[0]
-        out.append(token_label(rows[r], label_width).rjust(label_width) + " ",
+        out.append(pad(token_label(rows[r], label_width), label_width, right=True) + " ",
                    style="bold reverse" if here else "")
         for c in range(cw.start, cw.stop):
             out.append_text(cell(float(values[r, c]), top, cursor=(here and c == cursor[1]),
@@ -125,9 +140,8 @@ def legend(vmax: float, label: str = "") -> Text:
 
 def short(s: str, n: int = 8) -> str:
     """A token for a column header: its ``repr`` without the quotes (so spaces and escapes stay
-    visible), cut to ``n`` characters with ``…``."""
-    r = repr(s)[1:-1]
-    return r if len(r) <= n else r[: n - 1] + "…"
+    visible), cut to ``n`` terminal cells with ``…``."""
+    return fit(repr(s)[1:-1], n)
 
 
 def bar(value: float, scale: float, width: int = 28) -> Text:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from workbench.errors import UserError
+from workbench.models import token_bytes
 from workbench.models.registry import BOS_POLICIES, BosPolicy, Family, ModelSource, Provenance
 
 # Architectures whose normalisation follows each sublayer (residual -> sublayer -> add -> norm).
@@ -172,6 +173,7 @@ class Model:
         self.device = device
         self.hook_names: list[str] = list(bridge.hook_dict)
         self._vocab: list[str] | None = None
+        self._vocab_bytes: list[bytes] | None = None
         if bos == "prepend" and self.bos_token_id is None:
             raise UserError(f"{self.name} has no BOS token to prepend; use --bos tokenizer or none")
         self.bos: BosPolicy = bos
@@ -240,6 +242,18 @@ class Model:
             else:
                 self._vocab = [self.tokenizer.decode([i]) for i in range(n)]
         return self._vocab
+
+    def vocab_bytes(self) -> list[bytes]:
+        """Every id's raw bytes: a byte-level piece's bytes (``ä½`` is E4 BD), a special token's
+        name, else the UTF-8 of :meth:`vocab_strings` (``workbench.models.token_bytes``); what a
+        run stores to show tokens as they are. Computed once per model."""
+        if self._vocab_bytes is None:
+            self._vocab_bytes = token_bytes.vocab_bytes(self.tokenizer, self.vocab_strings(), self.special_ids())
+        return self._vocab_bytes
+
+    def special_ids(self) -> list[int]:
+        """Ids of the tokenizer's special tokens (BOS, ``[CLS]``, added tokens marked special)."""
+        return token_bytes.special_ids(self.tokenizer)
 
     def _bos_info(self) -> BosInfo:
         probe = "a"

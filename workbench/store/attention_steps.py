@@ -210,7 +210,8 @@ def steps(run: Run, i: int, prefix: str, head: int, pos: int) -> Steps:
     q_stream = run.resolve(q_hook).stream_of_rows()
     k_stream = run.resolve(k_hook).stream_of_rows()
     return Steps(prefix=prefix, head=head, kv_head=kv_head, n_heads=n_heads, n_kv_heads=n_kv, query_pos=pos,
-                 query_token=run.str_tokens(i, q_stream)[pos], key_tokens=run.str_tokens(i, k_stream),
+                 query_token=run.display_tokens(i, q_stream)[pos].label,
+                 key_tokens=[t.label for t in run.display_tokens(i, k_stream)],
                  q_hook=q_hook, k_hook=k_hook, q=q, keys=keys, values=values, dots=dots, scale=scale,
                  scale_text=scale_text, scores=scores, bias=bias, masked=masked, weights=weights, z=z,
                  stored_scores=stored_scores, stored_weights=stored_weights, stored_z=stored_z,

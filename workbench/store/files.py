@@ -1,6 +1,7 @@
 """The files of a run, by name: ``NAME.h5`` when complete, ``NAME.h5.partial`` while written (or
 after its writer died), ``NAME.h5.lock`` held by the writing process; and whether a writer is
-alive. Shared by the reader (a run's status) and the file transaction (lock, resume, rename).
+alive; opening a run's file for reading. Shared by the reader (a run's status) and the file
+transaction (lock, resume, rename).
 """
 
 from __future__ import annotations
@@ -8,9 +9,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workbench.store import schema as S
+
+if TYPE_CHECKING:
+    import h5py
 
 
 def partial_path(path: Path) -> Path:
@@ -43,3 +49,24 @@ def writer_alive(final_path: Path) -> bool:
 def final_name(path: Path) -> Path:
     """The finished run's name for a path that may name its partial file."""
     return path.with_name(path.name[: -len(S.PARTIAL_SUFFIX)]) if path.name.endswith(S.PARTIAL_SUFFIX) else path
+
+
+def open_readonly(path: Path, swmr: bool, wait: float = 5.0) -> h5py.File:
+    """Open read-only. A partial run (being written, or whose writer was killed) needs SWMR mode:
+    plain "r" refuses a file still marked open for writing. A finished run opens in plain mode,
+    which also checks the file is not truncated (SWMR mode skips that check, as SWMR files grow).
+    A writer holds an exclusive lock for the few milliseconds between creating the file and
+    switching to SWMR mode; wait that out. (h5py is imported here: commands that only list
+    results beside runs import this module without it.)"""
+    import h5py
+
+    deadline = time.monotonic() + wait
+    delay = 0.005
+    while True:
+        try:
+            return h5py.File(path, "r", swmr=swmr)
+        except OSError as exc:
+            if "unable to lock file" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(0.2, delay * 2)

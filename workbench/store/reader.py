@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import time
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -22,9 +21,10 @@ import numpy as np
 from workbench.errors import UserError
 from workbench.store import schema as S
 from workbench.store import shards
-from workbench.store.files import final_name, lock_path, partial_path, writer_alive
+from workbench.store.files import final_name, lock_path, open_readonly, partial_path, writer_alive
 from workbench.store.live_shards import LiveShards
 from workbench.store.settings import NewerSettings, RunSettings
+from workbench.store.tokens_display import DisplayToken, TokenTable, show_tokens
 
 __all__ = ["Run", "lock_path", "open_run", "partial_path", "read_ragged", "writer_alive"]
 
@@ -36,24 +36,6 @@ def read_ragged(get: Callable[[str], h5py.Dataset], name: str, i: int) -> bytes:
     return bytes(get(name)[start:end])
 
 
-def _open(path: Path, swmr: bool, wait: float = 5.0) -> h5py.File:
-    """Open read-only. A partial run (being written, or whose writer was killed) needs SWMR mode:
-    plain "r" refuses a file still marked open for writing. A finished run opens in plain mode,
-    which also checks the file is not truncated (SWMR mode skips that check, as SWMR files grow).
-    A writer holds an exclusive lock for the few milliseconds between creating the file and
-    switching to SWMR mode; wait that out."""
-    deadline = time.monotonic() + wait
-    delay = 0.005
-    while True:
-        try:
-            return h5py.File(path, "r", swmr=swmr)
-        except OSError as exc:
-            if "unable to lock file" not in str(exc) or time.monotonic() > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(0.2, delay * 2)
-
-
 class Run:
     """A captured run. Use :func:`open_run`."""
 
@@ -63,7 +45,7 @@ class Run:
         self.is_partial = live_shards or path.name.endswith(S.PARTIAL_SUFFIX)
         try:
             # A sharded capture still running has no index yet: read its units' committed prefix.
-            self.f = LiveShards(path) if live_shards else _open(path, swmr=self.is_partial)
+            self.f = LiveShards(path) if live_shards else open_readonly(path, swmr=self.is_partial)
         except FileNotFoundError:
             raise UserError(f"no such run: {path}") from None
         except PermissionError:
@@ -391,6 +373,23 @@ class Run:
             else:
                 out.append(f"#{i}")
         return out
+
+    @cached_property
+    def token_table(self) -> TokenTable | None:
+        """Each vocabulary entry's raw bytes and the special tokens (``vocab/bytes``), which
+        :meth:`display_tokens` shows tokens with; ``None`` for a run written before they were."""
+        return TokenTable.read(self.f)
+
+    def display_tokens(self, i: int, stream: str = S.MAIN) -> list[DisplayToken]:
+        """Prompt ``i``'s tokens as the UI and the command line show them: byte-level pieces as
+        their bytes (``<E4><BD>``) with the characters they form, special tokens by name, the
+        rest as :meth:`str_tokens` (:mod:`workbench.store.tokens_display`)."""
+        return show_tokens(self.tokens(i, stream), self.str_tokens(i, stream), self.token_table)
+
+    def display_ids(self, ids: Any) -> list[DisplayToken]:
+        """Vocabulary ids (predictions) shown each on its own, like :meth:`display_tokens`."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        return show_tokens(ids, self.token_strings(ids), self.token_table, sequence=False)
 
     def resolve(self, hook: str) -> S.HookSpec:
         name = self.aliases.get(hook)

@@ -72,6 +72,11 @@ GEN_FIELDS = ("sample_prob", "sample_entropy", "model_prob", "model_entropy")
 # name predicted tokens without the tokenizer. Optional (runs written before it lack it).
 VOCAB = "vocab/str"
 VOCAB_OFFSETS = "vocab/str_offsets"
+# Each entry's raw bytes (a byte-level piece's bytes, a special token's name) and the special
+# tokens' ids: how tokens are shown (workbench/store/tokens_display.py). Optional likewise.
+VOCAB_BYTES = "vocab/bytes"
+VOCAB_BYTES_OFFSETS = "vocab/bytes_offsets"
+VOCAB_SPECIAL = "vocab/special"
 
 RAGGED_BYTES = (PROMPT_TEXT, PROMPT_ID, PROMPT_META)  # one entry per prompt
 TOKEN_IDS = ids_name(MAIN)

@@ -47,7 +47,9 @@ def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_l
                         seed: int = 0, top_k: int = 5, batch_size: int = 1, delay: float = 0.0,
                         keep_partial: bool = False, metadata: list[dict[str, Any]] | None = None,
                         edit: Callable[[int, str, np.ndarray], np.ndarray] | None = None,
-                        commit_every: int = 1) -> Path:
+                        commit_every: int = 1, extra_tokens: tuple[bytes, ...] = (),
+                        specials: tuple[str, ...] = (),
+                        prompts: list[list[int]] | None = None) -> Path:
     """Write a decoder run at ``path`` and return it. Stores ``hook_embed``,
     ``blocks.L.hook_resid_post`` and ``blocks.L.attn.hook_pattern`` for every layer, loss and
     top-k predictions, and a vocabulary. With ``delay``, sleeps that long after each committed
@@ -56,12 +58,21 @@ def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_l
     ``metadata`` gives each prompt's JSONL fields (e.g. ``{"label": "positive"}``); ``edit(i,
     hook, acts)`` returns prompt ``i``'s ``(tokens, d_model)`` activations of ``hook`` to store in
     place of the random ones (to plant a known structure, such as a direction). ``commit_every``
-    batches are written, then committed together (as a capture does with ``--commit-every``)."""
+    batches are written, then committed together (as a capture does with ``--commit-every``).
+
+    The vocabulary is ``<s>`` (special), the words, then ``extra_tokens`` (raw bytes, such as
+    byte-level pieces; each decoded on its own, ``�`` where it is not UTF-8, as a tokenizer does)
+    and ``specials`` (special tokens that decode to ``''``, as some tokenizers' do); ``prompts``
+    gives the prompts' token ids instead of random ones."""
     final = Path(path)
     partial = partial_path(final)
     rng = np.random.default_rng(seed)
-    vocab = _vocab()
-    prompts = synthetic_prompts(n_prompts, seed, *lengths)
+    raw = [v.encode() for v in _vocab()] + list(extra_tokens) + [name.encode() for name in specials]
+    vocab = _vocab() + [p.decode("utf-8", "replace") for p in extra_tokens] + [""] * len(specials)
+    special_ids = [0, *range(len(raw) - len(specials), len(raw))]
+    if prompts is None:
+        prompts = synthetic_prompts(n_prompts, seed, *lengths)
+    n_prompts = len(prompts)
     hooks = [S.HookSpec("hook_embed", "token", (d_model,), ("pos", "d_model"))]
     for layer in range(n_layers):
         hooks.append(S.HookSpec(f"blocks.{layer}.attn.hook_pattern", "square", (n_heads,),
@@ -89,14 +100,16 @@ def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_l
     lock = RunLock(final)
     writer = RunWriter(partial, model_info=model_info, settings=settings, hooks=hooks,
                        planned_prompts=n_prompts, storage_dtype="float32", compression=None,
-                       tool_version="synthetic", token_fields=fields, vocab=vocab)
+                       tool_version="synthetic", token_fields=fields, vocab=vocab,
+                       vocab_bytes=raw, special_ids=special_ids)
     waiting: list[BatchRecord] = []  # batches written, to be committed together
     try:
         for start in range(0, n_prompts, batch_size):
             batch = prompts[start : start + batch_size]
             record = BatchRecord(
                 prompt_ids=[S.default_prompt_id(start + j) for j in range(len(batch))],
-                texts=["".join(vocab[t] for t in ids[1:]).strip() for ids in batch],
+                texts=[b"".join(raw[t] for t in ids[1:]).decode("utf-8", "replace").strip()
+                       for ids in batch],
                 metas=[json.dumps(metadata[start + j] if metadata else {}) for j in range(len(batch))],
                 tokens={S.MAIN: [np.asarray(ids, np.int32) for ids in batch]},
                 str_tokens={S.MAIN: [[vocab[t] for t in ids] for ids in batch]},

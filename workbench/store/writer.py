@@ -73,6 +73,8 @@ class RunWriter:
         expected_elements: dict[str, int] | None = None,
         expected_batches: int = 1,
         vocab: list[str] | None = None,
+        vocab_bytes: list[bytes] | None = None,
+        special_ids: list[int] | None = None,
         attrs: dict[str, Any] | None = None,
     ) -> None:
         self.path = path
@@ -117,7 +119,7 @@ class RunWriter:
             doc = settings.to_dict() if isinstance(settings, RunSettings) else settings
             self._create(model_info, doc, planned_prompts, tool_version)
             if vocab:
-                self._write_vocab(vocab)
+                self._write_vocab(vocab, vocab_bytes, special_ids)
             self.f.swmr_mode = True
         except BaseException:
             self.f.close()
@@ -226,14 +228,23 @@ class RunWriter:
                 ds.attrs["aliases"] = ",".join(h.aliases)
         acts.attrs["storage_dtype"] = self.storage_dtype
 
-    def _write_vocab(self, vocab: list[str]) -> None:
-        encoded = [v.encode("utf-8", "surrogatepass") for v in vocab]
-        ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
+    def _write_vocab(self, vocab: list[str], raw: list[bytes] | None, special: list[int] | None) -> None:
+        """``vocab/str`` (each entry decoded on its own) and, when given, ``vocab/bytes`` (each
+        entry's raw bytes) and ``vocab/special`` (the special tokens' ids)."""
+        fields = [(S.VOCAB, [v.encode("utf-8", "surrogatepass") for v in vocab])]
+        if raw is not None:
+            fields.append((S.VOCAB_BYTES, raw))
+        datasets: list[tuple[str, np.ndarray]] = []
+        for name, encoded in fields:
+            ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
+            datasets += [(name, np.frombuffer(b"".join(encoded), np.uint8)),
+                         (S.offsets_name(name), np.concatenate([[0], ends]).astype(np.int64))]
+        if raw is not None:
+            datasets.append((S.VOCAB_SPECIAL, np.asarray(sorted(special or ()), np.int32)))
         # Uncompressed and resizable like the other datasets: Debian's h5dump fails on files with
         # gzip-compressed datasets written by this h5py (checked in tests/test_capture.py).
-        for name, data in ((S.VOCAB, np.frombuffer(b"".join(encoded), np.uint8)),
-                           (S.VOCAB_OFFSETS, np.concatenate([[0], ends]).astype(np.int64))):
-            self.f.create_dataset(name, data=data, maxshape=(None,), chunks=(min(len(data), 1 << 16),))
+        for name, data in datasets:
+            self.f.create_dataset(name, data=data, maxshape=(None,), chunks=(max(1, min(len(data), 1 << 16)),))
 
     # --- appending ----------------------------------------------------------------------------
 

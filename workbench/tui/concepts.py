@@ -154,7 +154,7 @@ class VectorsView(RunView):
         d_model = vectors.shape[1]
         focus.key = max(0, min(focus.key, d_model - 1))
         focus.point = max(0, min(focus.point, len(points) - 1))
-        token = run.str_tokens(focus.prompt)[pos]
+        token = run.display_tokens(focus.prompt)[pos].label  # byte pieces as <E4>, specials by name
         token_id = int(run.tokens(focus.prompt)[pos])
         info = run.model_info
         tied = "tied to W_U (the unembedding is its transpose)" if info.get("tied_embeddings") else "W_U is separate"

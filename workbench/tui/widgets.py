@@ -11,6 +11,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from rich.cells import cell_len
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -91,28 +92,28 @@ class TokenStrip(Static):
         if run is None or len(run) == 0:
             self.update(Text("waiting for the first prompt…", style="dim"))
             return
-        tokens = run.str_tokens(focus.prompt)
+        tokens = run.display_tokens(focus.prompt)
         ids = run.tokens(focus.prompt)
         width = max(20, self.content_size.width or 78)
         pieces = []
         for p, tok in enumerate(tokens):
-            label = R.token_label(tok, 16)
+            label = R.token_label(tok.label, 16)
             if focus.show_ids:
                 label = f"{label}₍{int(ids[p])}₎"
             pieces.append(label)
         # Two lines of tokens at most: a window of whole tokens around the focus.
         budget = 2 * width - 4
         lo = hi = focus.pos
-        used = len(pieces[focus.pos]) + 1
+        used = cell_len(pieces[focus.pos]) + 1  # terminal cells: CJK and emoji take two
         while True:
             grew = False
-            if hi + 1 < len(pieces) and used + len(pieces[hi + 1]) + 1 <= budget:
+            if hi + 1 < len(pieces) and used + cell_len(pieces[hi + 1]) + 1 <= budget:
                 hi += 1
-                used += len(pieces[hi]) + 1
+                used += cell_len(pieces[hi]) + 1
                 grew = True
-            if lo > 0 and used + len(pieces[lo - 1]) + 1 <= budget:
+            if lo > 0 and used + cell_len(pieces[lo - 1]) + 1 <= budget:
                 lo -= 1
-                used += len(pieces[lo]) + 1
+                used += cell_len(pieces[lo]) + 1
                 grew = True
             if not grew:
                 break
@@ -139,10 +140,10 @@ class InfoLine(Static):
         if len(run) == 0:
             self.update("")
             return
-        tokens = run.str_tokens(focus.prompt)
+        tokens = run.display_tokens(focus.prompt)
         ids = run.tokens(focus.prompt)
         parts = [f"prompt {focus.prompt + 1}/{len(run)}", f"token {focus.pos}/{len(tokens) - 1}",
-                 f"{tokens[focus.pos]!r} id {int(ids[focus.pos])}"]
+                 f"{tokens[focus.pos].describe()} id {int(ids[focus.pos])}"]
         if run.has_lm_outputs and run.lm_stream == "tokens":
             loss = float(run.loss(focus.prompt)[focus.pos])
             if math.isfinite(loss):
@@ -168,16 +169,15 @@ class AttentionView(RunView):
                               lambda: run.activation(name, focus.prompt))  # (heads, q, k)
         n_heads = pattern.shape[0]
         focus.head %= n_heads
-        q_tokens, k_tokens = run.axis_tokens(name, focus.prompt)[1:]
-        assert q_tokens is not None and k_tokens is not None
         q_stream, k_stream = spec.square_streams()
+        q_tokens, k_tokens = (run.display_tokens(focus.prompt, s) for s in (q_stream, k_stream))
         # The strip's position is the query on every stream (a decoder query past the encoder's
         # length is reached by clamping; the cursor line names the query token).
         qpos = min(focus.pos, len(q_tokens) - 1)
         focus.key = max(0, min(focus.key, len(k_tokens) - 1))
         weight = float(pattern[focus.head, qpos, focus.key])
-        self._readout = (f"query {qpos} {q_tokens[qpos]!r} → key {focus.key} "
-                         f"{k_tokens[focus.key]!r}: {weight:.4f}")
+        self._readout = (f"query {qpos} {q_tokens[qpos].describe()} → key {focus.key} "
+                         f"{k_tokens[focus.key].describe()}: {weight:.4f}")
         info = run.model_info
         kv = ""
         n_kv = info.get("n_kv_heads")
@@ -190,8 +190,8 @@ class AttentionView(RunView):
             (name, "bold"), f"  [{focus.pattern + 1}/{len(hooks)}]  ",
             (f"head {focus.head}/{n_heads - 1}{kv}", "bold"), f"  {kind}", no_wrap=True)
         _legend_if_room(header, R.legend(1.0, "weight "), width)
-        body = R.grid(pattern[focus.head], q_tokens, k_tokens, (qpos, focus.key), width, height - 2,
-                      vmax=1.0)
+        body = R.grid(pattern[focus.head], [t.label for t in q_tokens], [t.label for t in k_tokens],
+                      (qpos, focus.key), width, height - 2, vmax=1.0)
         return Group(header, body, Text(self._readout, style="bold", no_wrap=True))
 
 
@@ -207,10 +207,10 @@ class NormsView(RunView):
             self._readout = ""
             return Text("this run stores no residual stream (capture with --hooks residual)", style="dim")
         focus.point = max(0, min(focus.point, len(labels) - 1))
-        tokens = run.str_tokens(focus.prompt)
+        tokens = run.display_tokens(focus.prompt)
         pos = min(focus.pos, norms.shape[1] - 1)
         value = float(norms[focus.point, pos])
-        self._readout = f"{labels[focus.point]} at {pos} {tokens[pos]!r}: ‖x‖ = {value:.4g}"
+        self._readout = f"{labels[focus.point]} at {pos} {tokens[pos].describe()}: ‖x‖ = {value:.4g}"
         skip = focus.skip_sink if focus.skip_sink is not None else R.sink_position(run, norms)
         scaled = norms[:, 1:] if skip and norms.shape[1] > 1 else norms
         vmax = float(np.nanmax(scaled)) if scaled.size else 1.0
@@ -225,8 +225,8 @@ class NormsView(RunView):
         header = Text.assemble(("residual norm", "bold"), f" {'log' if focus.log_scale else 'linear'} scale (l)",
                                " · sink 0 off scale (x)" if skip else "", no_wrap=True)
         _legend_if_room(header, R.legend(vmax, "norm "), width)
-        body = R.grid(shown, labels, tokens, (focus.point, pos), width, height - 2, vmax=top,
-                      label_width=10)
+        body = R.grid(shown, labels, [t.label for t in tokens], (focus.point, pos), width, height - 2,
+                      vmax=top, label_width=10)
         return Group(header, body, Text(self._readout, style="bold", no_wrap=True))
 
 
@@ -240,10 +240,10 @@ class TopKView(RunView):
             self._readout = ""
             return Text("this run has no predictions: its model has no trained LM head", style="dim")
         stream = run.lm_stream
-        tokens = run.str_tokens(focus.prompt, stream)
+        tokens = run.display_tokens(focus.prompt, stream)
         pos = min(focus.pos, len(tokens) - 1)
         ids, logprobs = run.top_k(focus.prompt)
-        names = run.token_strings(ids[pos])
+        names = run.display_ids(ids[pos])
         target = None
         if run.lm_target == "next":
             if pos + 1 < len(tokens):
@@ -264,16 +264,18 @@ class TopKView(RunView):
         for r in range(min(len(names), max(1, height - 4))):
             p = math.exp(float(logprobs[pos, r]))
             hit = target is not None and int(ids[pos, r]) == target
-            table.add_row(str(r + 1), Text(R.token_label(names[r], 24), style="bold green" if hit else ""),
+            table.add_row(str(r + 1), Text(R.token_label(names[r].label, 24), style="bold green" if hit else ""),
                           str(int(ids[pos, r])), f"{p:.4f}", Text("█" * max(0, round(p * bar_width)), style="green"))
         loss = float(run.loss(focus.prompt)[pos])
         actual = ""
         if target is not None:
-            actual = f"actual {run.token_strings([target])[0]!r}"
+            shown = tokens[pos + 1] if run.lm_target == "next" else run.display_ids([target])[0]
+            actual = f"actual {shown.describe()}"
             if math.isfinite(loss):
                 actual += f": p = {math.exp(-loss):.4f}, loss {loss:.3f}"
-        self._readout = f"{what} {pos} {tokens[pos]!r}: top {names[0]!r} {math.exp(float(logprobs[pos, 0])):.4f}"
-        header = Text.assemble((f"predictions for the {what} {pos} ", "bold"), repr(tokens[pos]))
+        self._readout = (f"{what} {pos} {tokens[pos].describe()}: top {names[0].describe()} "
+                         f"{math.exp(float(logprobs[pos, 0])):.4f}")
+        header = Text.assemble((f"predictions for the {what} {pos} ", "bold"), tokens[pos].describe())
         return Group(header, table, Text(actual, style="dim"))
 
 
