@@ -261,7 +261,7 @@ def test_cli_analyze_text_json_and_errors(workbench_make_run):
     assert again[0]["outcome"] == "reused"
     inspect = _cli("inspect", path, "--json")
     assert {r["analysis"] for r in json.loads(inspect.stdout)["results"]} == {"next-token", "answer", "distribution",
-                                                                            "embeddings"}
+                                                                            "embeddings", "matrices"}
     assert "next-token 1  worst=1 ok" in _cli("inspect", path).stdout
     for args, message in [
         (("nope",), "no analysis named 'nope'"),

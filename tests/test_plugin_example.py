@@ -81,10 +81,11 @@ def test_analyze_stores_every_other_result_and_strict_mode_fails(site, tmp_path)
     # every analysis the run can feed: the residual stream that activation-stats asked for also
     # feeds the logit lens, which reads nothing else (issue 23)
     assert set(records) == {"activation-stats", "next-token", "answer", "distribution", "embeddings",
-                            "logit-lens"}
+                            "logit-lens", "matrices"}
     assert all(r["status"] == "ok" for r in records.values())
     stored = sorted(p.name.split("--")[0] for p in (tmp_path / "r.h5.results").glob("*.h5"))
-    assert stored == ["activation-stats", "answer", "distribution", "embeddings", "logit-lens", "next-token"]
+    assert stored == ["activation-stats", "answer", "distribution", "embeddings", "logit-lens", "matrices",
+                      "next-token"]
     # the example's statistics against TransformerLens' own cache of the same tokens
     import torch
 
