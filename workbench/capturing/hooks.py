@@ -20,8 +20,10 @@ tokens), which tells the batch axis, each positional axis and the token stream i
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -231,8 +233,23 @@ def _pos_name(stream: str, enc_dec: bool, role: str = "") -> str:
     return f"{side}_{role}_pos" if role else f"{side}_pos"
 
 
+_PLANS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], HookPlan]] = weakref.WeakKeyDictionary()
+"""Hook plans by model and selection: probing runs the model twice (seconds on a real model), and
+its outcome depends only on the model and the names chosen, so a model kept loaded (the terminal
+UI's live prompts, a script capturing run after run) probes each selection once."""
+
+
 def plan_hooks(model: Model, selection: Selection) -> HookPlan:
-    """Probe the model and decide what is stored (see the module docstring)."""
+    """Probe the model and decide what is stored (see the module docstring); remembered for as
+    long as ``model`` lives (a copy is returned, so a caller may change it)."""
+    key = (tuple(selection.names), tuple(sorted(selection.exact)), tuple(sorted(selection.gates)))
+    known = _PLANS.setdefault(model, {})
+    if key not in known:
+        known[key] = _plan_hooks(model, selection)
+    return copy.deepcopy(known[key])
+
+
+def _plan_hooks(model: Model, selection: Selection) -> HookPlan:
     bridge = model.bridge
     hook_dict = bridge.hook_dict
     requested = set(selection.names)

@@ -33,6 +33,7 @@ from workbench.kit import FollowsFocus
 from workbench.store.attention_steps import attention_blocks
 from workbench.tui import render as R
 from workbench.tui.concepts import QKVView, VectorsView
+from workbench.tui.live import LivePrompts
 from workbench.tui.messages import ShowAttentionHead
 from workbench.tui.results import ResultsPanel
 from workbench.tui.screens import AnalysisPicker, HelpScreen, SearchScreen
@@ -71,7 +72,7 @@ def _prompt_label(i: int, text: str) -> Text:
     return Text.assemble((f"{i:>3} ", "dim"), text, no_wrap=True)
 
 
-class WorkbenchApp(App[None]):
+class WorkbenchApp(LivePrompts, App[None]):
     """Browse stored runs. ``runs`` are open :class:`~workbench.store.reader.Run` objects; the app
     closes them when it exits."""
 
@@ -103,6 +104,11 @@ class WorkbenchApp(App[None]):
         Binding("x", "toggle_sink", "residual: position 0 (attention sink) off / on the scale", show=False),
         Binding("slash", "search", "find token"),
         Binding("a", "analyze", "run analysis"),
+        Binding("e", "live_prompt", "type a prompt (live model)"),
+        Binding("greater_than_sign", "live_more", "live: sample one more token", show=False),
+        Binding("less_than_sign", "live_fewer", "live: one token fewer", show=False),
+        Binding("t", "live_temperature", "live: next temperature (0 = greedy)", show=False),
+        Binding("r", "live_reseed", "live: another seed", show=False),
         Binding("s", "export_svg", "save SVG"),
         Binding("b", "toggle_sidebar", "hide/show sidebar", show=False),
         Binding("question_mark", "help", "help"),
@@ -110,8 +116,10 @@ class WorkbenchApp(App[None]):
     ]
 
     def __init__(self, runs: list[Run], *, view: str = "attention", prompt: int = 0,
-                 export_dir: Path | None = None, poll: float = POLL_SECONDS) -> None:
+                 export_dir: Path | None = None, poll: float = POLL_SECONDS,
+                 live_dir: Path | None = None) -> None:
         super().__init__()
+        self.init_live(live_dir)
         if not runs:
             raise ValueError("WorkbenchApp needs at least one open run")
         self.runs = runs
@@ -436,8 +444,8 @@ class WorkbenchApp(App[None]):
 
     @work(thread=True, exclusive=True, group="analysis")
     def _analysis_worker(self, name: str, params: dict[str, Any]) -> None:
-        from workbench.registries import analyze, build_analyses
         from workbench.errors import UserError
+        from workbench.registries import analyze, build_analyses
 
         started = time.perf_counter()
         try:

@@ -102,3 +102,29 @@ class AnalysisPicker(ModalScreen[str | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+class PromptScreen(ModalScreen[str | None]):
+    """Type a prompt to run through the live model (Enter runs it, Escape cancels)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "cancel")]
+    DEFAULT_CSS = """
+    PromptScreen { align: center bottom; }
+    PromptScreen > Vertical { width: 72; max-width: 100%; height: auto; border: round $accent;
+                              background: $surface; }
+    """
+
+    def __init__(self, text: str = "") -> None:
+        super().__init__()
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("a prompt for the live model (Enter runs it; then > samples a token, t temperature):")
+            yield Input(value=self.text, placeholder="e.g.  The river bank was", id="prompt-input")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
