@@ -49,6 +49,29 @@ def export_folder(path: str) -> Path:
     return folder
 
 
+@cli.command("tour")
+@click.option("--dir", "folder", type=click.Path(file_okay=False), default=None,
+              help="Where the tour's runs are kept.  [default: tour-vN/ in the workbench cache]")
+@click.option("--rebuild", is_flag=True, help="Capture the tour's runs again.")
+@click.option("--step", type=click.IntRange(min=1), default=1, show_default=True, help="Open on this step.")
+def tour_cmd(folder: str | None, rebuild: bool, step: int) -> None:
+    """A guided tour of a transformer, one concept per step, on real models: tokens, the
+    embedding matrix, a token's vector, Q·K·V, the causal mask and softmax, MLP blocks, the
+    residual stream, context shaping a word, the unembedding and logits, softmax, temperature
+    and sampling, the context limit, pre-training and fine-tuning, an encoder (BERT's family)
+    and its masked-word prediction, and an encoder-decoder's cross-attention (T5's family).
+
+    The first tour captures three small runs (SmolLM2-135M, MiniLM, toy-reversal; about a minute
+    or two) and keeps them. In the app: space next step, backspace back; every view's keys work.
+    """
+    from workbench.paths import cache_dir
+    from workbench.tui.tour import TOUR_VERSION, make_tour_app, prepare
+
+    runs = prepare(Path(folder) if folder else cache_dir() / f"tour-v{TOUR_VERSION}", rebuild=rebuild)
+    app = make_tour_app(runs, first_step=step - 1)
+    app.run()
+
+
 @cli.command("plot")
 @click.argument("run_path", metavar="RUN")
 @click.option("--kind", type=click.Choice(["attention", "residual"]), default="attention",

@@ -298,7 +298,8 @@ class InfoView(RunView):
             ("tokens", ", ".join(f"{k}: {run.n_tokens_total(k)}" for k in run.streams)),
             ("model", f"{info.get('name')} · {info.get('architecture')} · {info.get('family')}"),
             ("shape", (f"{info.get('n_layers')} layers · {info.get('n_heads')} heads{kv} · "
-                       f"d_model {info.get('d_model')} · vocab {info.get('d_vocab')}")),
+                       f"d_model {info.get('d_model')} · vocab {info.get('d_vocab')} · "
+                       f"context {info.get('n_ctx')} tokens")),
             ("provenance", json.dumps(info.get("provenance"), default=str)),
             ("BOS", json.dumps(info.get("bos"), default=str)),
             ("stored", f"{len(run.hooks)} tensors, {run.storage_dtype}, compression "
