@@ -194,6 +194,13 @@ def tour_step(app: Any, k: int) -> Step:
             f.pattern = step.layer % len(hooks)
     if step.head is not None:
         f.head = step.head
+    if step.view == "attention":  # the key cursor on the key the query looks at most
+        hooks = pattern_hooks(run)
+        if hooks:
+            hook = hooks[f.pattern % len(hooks)]
+            n_queries = run.n_tokens(f.prompt, run.resolve(hook).square_streams()[0])
+            row = run.attention_row(hook, f.prompt, min(f.pos, n_queries - 1))
+            f.key = int(row[f.head % row.shape[0]].argmax())
     app.pending_result = step.result
     was = app.active_view()
     app.action_show_view(step.view)
