@@ -25,6 +25,7 @@ def run_path(tmp_path):
     ("residual", ["right", "right", "right_square_bracket"]),
     ("topk", ["right", "right", "right", "right"]),
     ("info", []),
+    ("vectors", ["right", "right", "shift+right", "right_square_bracket"]),
 ])
 def test_view(snap_compare, run_path, view, keys):
     assert snap_compare(make_app([str(run_path)], view=view), press=keys, terminal_size=(80, 24))

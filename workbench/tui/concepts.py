@@ -47,7 +47,8 @@ def _rgb(v: float) -> Style:
 
 def vector_strip(values: np.ndarray, width: int, cursor: int | None = None, scale: float | None = None) -> Text:
     """A vector as a line of shaded cells, one per dimension (blue positive, red negative, by
-    ``|value| / scale``; ``scale`` defaults to the largest ``|value|``), windowed to ``width``
+    ``|value| / scale``, the block character's density giving the magnitude on a terminal
+    without colour; ``scale`` defaults to the largest ``|value|``), windowed to ``width``
     cells around ``cursor`` (drawn as ``◆``); ``…`` marks dimensions cut off."""
     n = len(values)
     top = scale if scale else float(np.abs(values).max(initial=0.0)) or 1.0
@@ -57,8 +58,11 @@ def vector_strip(values: np.ndarray, width: int, cursor: int | None = None, scal
     for d in range(win.start, win.stop):
         if d == cursor:
             out.append("◆", style=Style(color="black", bgcolor="white", bold=True))
-        else:
-            out.append(" ", style=_rgb(float(values[d]) / top))
+        else:  # the character carries |value| without colour; the colour its sign
+            v = float(values[d]) / top
+            level = " ░▒▓█"[min(4, int(abs(v) * 4 + 0.5))] if math.isfinite(v) else "?"
+            out.append(level, style=Style(color="rgb(90,160,255)" if v >= 0 else "rgb(255,110,90)")
+                       + _rgb(v))
     out.append("…" if win.stop < n else " ", style="dim")
     return out
 
