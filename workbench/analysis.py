@@ -129,6 +129,11 @@ class Analysis:
     needs_model: bool = False
     """It runs the model: reloaded by the provenance recorded in the run (a mismatch is an
     error)."""
+    may_use_model: bool = False
+    """It runs the model where the run's can be reloaded, for something optional (the SAE's
+    next-token loss with its reconstruction spliced in): ``ctx.model()`` works as for
+    :attr:`needs_model`, and a run whose model cannot be reloaded (a synthetic run) is still
+    analysed; ``compute`` catches the :class:`UserError` and says what it left out."""
     params: tuple[Param, ...] = ()
     families: tuple[str, ...] = ("decoder", "encoder", "encoder-decoder")
     """Model families it works on."""
@@ -193,7 +198,8 @@ class Analysis:
         return {"name": self.name, "version": self.version, "description": self.description,
                 "plugin": self.plugin, "needs": list(self.needs), "optional": list(self.optional),
                 "needs_lm_outputs": self.needs_lm_outputs, "needs_task": list(self.needs_task),
-                "needs_model": self.needs_model, "reads": self.reads(), "auto": self.auto,
+                "needs_model": self.needs_model, "may_use_model": self.may_use_model,
+                "reads": self.reads(), "auto": self.auto,
                 "families": list(self.families), "params": [p.to_dict() for p in self.params]}
 
 
@@ -330,14 +336,19 @@ class AnalysisContext:
     def model(self) -> Model:
         """The model, reloaded by the run's recorded provenance (once per ``analyze`` call). Only
         for analyses declared with ``needs_model=True``."""
-        if not self.analysis.needs_model or self._model_loader is None:
-            raise RuntimeError(f"analysis {self.analysis.name!r} did not declare needs_model=True")
+        if not (self.analysis.needs_model or self.analysis.may_use_model) or self._model_loader is None:
+            raise RuntimeError(f"analysis {self.analysis.name!r} declared neither needs_model nor "
+                               "may_use_model")
         return self._model_loader()
 
-    def progress(self, done: int, total: int) -> None:
-        """Report progress (``done`` of ``total`` units); shown on a terminal."""
+    def progress(self, done: int, total: int, status: str = "") -> None:
+        """Report progress (``done`` of ``total`` units), with an optional one-line ``status``
+        (a training loss); shown on a terminal as a bar, in a log as a line now and then."""
         if self._progress is not None:
-            self._progress(done, total)
+            if status:
+                self._progress(done, total, status)  # type: ignore[call-arg]
+            else:
+                self._progress(done, total)
 
 
 def reload_model(run: Run, device: str = "auto", registry: ModelRegistry | None = None) -> Model:

@@ -86,6 +86,51 @@ def _list_analyses(registry: Any, as_json: bool) -> None:
             click.echo(f"    --param {a.name}.{p.name}={p.default!r}  ({p.type.__name__}{extra}) {p.help}")
 
 
+class _Progress:
+    """An analysis's progress on stderr: a bar with its status line on a terminal; in a log (not
+    a terminal), a line at most every 15 s and at the end."""
+
+    def __init__(self, bar: bool) -> None:
+        self.bar = bar
+        self.progress: Any = None
+        self.task: Any = None
+        self.name = ""
+        self.last = 0.0
+
+    def __call__(self, a: Any, done: int, total: int, status: str = "") -> None:
+        import time
+
+        if not self.bar:
+            now = time.monotonic()
+            if now - self.last >= 15 or done >= total:
+                self.last = now
+                click.echo(f"workbench: {a.name} {done:,}/{total:,} {status}".rstrip(), err=True)
+            return
+        if self.progress is None or self.name != a.name:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self.close()
+            self.name = a.name
+            self.progress = Progress(TextColumn(a.name), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                                     transient=False, console=Console(stderr=True))
+            self.progress.__enter__()
+            self.task = self.progress.add_task(a.name, total=total, status="")
+        self.progress.update(self.task, completed=done, total=total, status=status)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(None, None, None)
+            self.progress = None
+
+
 @cli.command("analyze")
 @click.argument("run_path", metavar="RUN", required=False)
 @click.argument("names", nargs=-1, metavar="[NAME]...")
@@ -131,12 +176,18 @@ def analyze_cmd(run_path: str | None, names: tuple[str, ...], param_items: tuple
                 raise UserError(f"no analysis can run on {run.final_path.name}: it lacks their inputs "
                                 "(capture with --for NAME)")
         show = sys.stderr.isatty() and not as_json
+        bar = _Progress(show)
 
         def start(a: Any) -> None:
+            bar.close()
             if show:
                 click.echo(f"workbench: running {a.name} ...", err=True)
 
-        outcomes = analyze(run, chosen, params, force=force, device=device, on_start=start)
+        try:
+            outcomes = analyze(run, chosen, params, force=force, device=device, on_start=start,
+                               progress=bar)
+        finally:
+            bar.close()
         if as_json:
             records = []
             for o in outcomes:

@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,39 @@ def synthetic_prompts(n: int, seed: int, lo: int = 4, hi: int = 12) -> list[list
             for _ in range(n)]
 
 
+@dataclass
+class PlantedDictionary:
+    """Ground truth for dictionary learning: every token's ``hook`` activation is a sparse,
+    non-negative combination of known unit ``directions`` (``active`` of them, chosen uniformly,
+    each with a magnitude uniform in ``scale``) plus Gaussian noise of standard deviation
+    ``noise`` per dimension. Deterministic per prompt (``seed``, prompt index)."""
+
+    directions: np.ndarray
+    """``(n_features, d_model)``, unit rows (:func:`random_directions`)."""
+    hook: str = "blocks.0.hook_resid_post"
+    active: int = 3
+    scale: tuple[float, float] = (1.0, 3.0)
+    noise: float = 0.01
+    seed: int = 0
+
+    def edit(self, i: int, hook: str, acts: np.ndarray) -> np.ndarray:
+        if hook != self.hook:
+            return acts
+        rng = np.random.default_rng((self.seed, i))
+        n, d = acts.shape
+        out = rng.normal(scale=self.noise, size=(n, d))
+        chosen = np.argsort(rng.random((n, len(self.directions))), axis=1)[:, : self.active]
+        coef = rng.uniform(*self.scale, size=(n, self.active))
+        out += np.einsum("ta,tad->td", coef, self.directions[chosen])
+        return out.astype(np.float32)
+
+
+def random_directions(n: int, d_model: int, seed: int = 0) -> np.ndarray:
+    """``n`` random unit vectors in ``d_model`` dimensions, ``(n, d_model)``."""
+    v = np.random.default_rng(seed).normal(size=(n, d_model))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_layers: int = 2,
                         n_heads: int = 2, d_model: int = 16, lengths: tuple[int, int] = (4, 12),
                         seed: int = 0, top_k: int = 5, batch_size: int = 1, delay: float = 0.0,
@@ -49,7 +83,8 @@ def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_l
                         edit: Callable[[int, str, np.ndarray], np.ndarray] | None = None,
                         commit_every: int = 1, extra_tokens: tuple[bytes, ...] = (),
                         specials: tuple[str, ...] = (),
-                        prompts: list[list[int]] | None = None) -> Path:
+                        prompts: list[list[int]] | None = None,
+                        planted: PlantedDictionary | None = None) -> Path:
     """Write a decoder run at ``path`` and return it. Stores ``hook_embed``,
     ``blocks.L.hook_resid_post`` and ``blocks.L.attn.hook_pattern`` for every layer, loss and
     top-k predictions, and a vocabulary. With ``delay``, sleeps that long after each committed
@@ -63,7 +98,15 @@ def write_synthetic_run(path: str | os.PathLike[str], *, n_prompts: int = 8, n_l
     The vocabulary is ``<s>`` (special), the words, then ``extra_tokens`` (raw bytes, such as
     byte-level pieces; each decoded on its own, ``�`` where it is not UTF-8, as a tokenizer does)
     and ``specials`` (special tokens that decode to ``''``, as some tokenizers' do); ``prompts``
-    gives the prompts' token ids instead of random ones."""
+    gives the prompts' token ids instead of random ones. ``planted`` replaces one hook's
+    activations with sparse combinations of known directions (applied before ``edit``)."""
+    if planted is not None:
+        user_edit = edit
+
+        def edit(i: int, hook: str, acts: np.ndarray) -> np.ndarray:
+            acts = planted.edit(i, hook, acts)
+            return user_edit(i, hook, acts) if user_edit is not None else acts
+
     final = Path(path)
     partial = partial_path(final)
     rng = np.random.default_rng(seed)
