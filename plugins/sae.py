@@ -397,3 +397,27 @@ SAE_ANALYSIS = Analysis(
 @hookimpl
 def register_analyses(register):  # type: ignore[no-untyped-def]
     register(SAE_ANALYSIS)
+
+
+@hookimpl
+def register_commands(cli):  # type: ignore[no-untyped-def]
+    import click
+
+    @cli.command("sae-export")
+    @click.argument("run_path", metavar="RUN")
+    @click.argument("out", metavar="DIR")
+    @click.option("--sae", "spec", default="", metavar="SPEC",
+                  help="Which SAE: a hook name or result key (default: the newest trained on RUN).")
+    @click.option("--force", is_flag=True, help="Replace an SAE already in DIR.")
+    def sae_export(run_path: str, out: str, spec: str, force: bool) -> None:
+        """Write an SAE trained on RUN (a stored 'sae' result) as a SAELens folder DIR: cfg.json and
+        sae_weights.safetensors, loadable by SAELens' SAE.load_from_disk and by features.sae=DIR."""
+        from workbench.store import open_run
+
+        with open_run(run_path) as run:
+            sae, where = find_sae(run, spec)
+        folder = Path(out)
+        if (folder / "cfg.json").exists() and not force:
+            raise UserError(f"{folder} already holds an SAE (cfg.json); --force replaces it")
+        sae.save(folder)
+        click.echo(f"wrote {folder}/cfg.json and {folder}/sae_weights.safetensors: {sae.describe()} (from {where})")
