@@ -40,8 +40,17 @@ class Selection:
     lengths: dict[int, int] = field(default_factory=dict)
     stream: str = "main"
 
+    _keep: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
     def keep(self, run: Run, i: int) -> np.ndarray:
-        """Prompt ``i``'s positions to use (a boolean mask over its rows)."""
+        """Prompt ``i``'s positions to use (a boolean mask over its rows; remembered: a few
+        bytes per prompt)."""
+        mask = self._keep.get(i)
+        if mask is None:
+            mask = self._keep[i] = self._mask(run, i)
+        return mask
+
+    def _mask(self, run: Run, i: int) -> np.ndarray:
         n = self.lengths[i]
         mask = np.ones(n, dtype=bool)
         if self.skip_first and n:
