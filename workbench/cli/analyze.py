@@ -77,7 +77,8 @@ def _list_analyses(registry: Any, as_json: bool) -> None:
             click.echo(f"    if stored:  {hooks(a.optional)}  (read where the run holds them; --for captures them)")
         also = ((["LM outputs (the stored per-token loss and top-k predictions)"] if a.needs_lm_outputs else [])
                 + [f"the prompts' '{k}' field (JSONL; at least one prompt)" for k in a.needs_task]
-                + (["the model (reloaded by the run's provenance)"] if a.needs_model else []))
+                + (["the model (reloaded by the run's provenance)"] if a.needs_model else [])
+                + (["the model where it can be reloaded (for an optional part)"] if a.may_use_model else []))
         click.echo(f"    also reads: {'; '.join(also) or 'nothing else (the stored tokens)'}")
         click.echo(f"    models:     {', '.join(a.families)}"
                    + ("" if a.auto else "  (named only: not run by 'analyze RUN' without names)"))
