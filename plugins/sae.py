@@ -211,7 +211,7 @@ def ce_recovered(ctx: AnalysisContext, sel: sae_data.Selection, sae: SAE, n_prom
     try:
         model = ctx.model()
     except UserError as exc:
-        return {"note": f"left out: the run's model cannot be reloaded ({exc})"}
+        return {"note": f"left out: the run's model cannot be reloaded ({str(exc).split(' (')[0]})"}
     device = str(model.device)
     w = sae.torch_weights(device)
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
