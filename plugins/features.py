@@ -35,6 +35,7 @@ from workbench_plugins.sae_format import SAE
 from workbench import hookimpl
 from workbench.analysis import Analysis, AnalysisContext, Param, Result
 from workbench.errors import UserError
+from workbench.views import View, lazy_view
 
 if TYPE_CHECKING:
     from workbench.store.reader import Run
@@ -252,3 +253,8 @@ FEATURES = Analysis(
 def register_analyses(register):  # type: ignore[no-untyped-def]
     register(FEATURES)
 
+
+@hookimpl
+def register_views(register):  # type: ignore[no-untyped-def]
+    register(View(name="feature-dashboard", analysis="features", title="SAE features: list, dashboard, fires here",
+                  make=lazy_view("workbench_plugins.features_view", "FeaturesView")))
