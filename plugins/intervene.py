@@ -3,8 +3,10 @@ prompt many times, each row of a batch with its own edits to named activations, 
 metric per row.
 
 An :class:`Edit` overwrites one hook's activation (at one position or all, for one head or all)
-with the value a *source* holds for it: zeros, a mean over reference prompts, or another prompt's
-activations (resample ablation, activation patching). A row is a tuple of edits applied together.
+with the value a *source* holds for it: zeros, a mean over reference prompts, another prompt's
+activations (resample ablation, activation patching), or a function of the row's own activation
+there (an SAE feature's contribution removed, clamped or added: ``feature-intervention``). A row is
+a tuple of edits applied together.
 
 Speed: rows run as batches, and rows whose first edit is in block ``L`` share the unchanged prefix
 of the forward pass: the clean residual stream entering block ``L`` is computed once, and only
@@ -26,9 +28,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     import torch
 
     from workbench.models.model import Model
+
+    # What an edit writes: fixed values (first axis: position), or a function of the activation the
+    # row has at the hook (``(positions, ...)``) giving them (see :meth:`Intervener.run`).
+    Source: TypeAlias = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 TOKEN_BUDGET = 8192
 """Rows x positions run in one batch (bounds the activations held at once)."""
@@ -39,7 +47,8 @@ LOGIT_BUDGET = 2048
 @dataclass(frozen=True)
 class Edit:
     """Overwrite ``hook``'s activation at ``pos`` (all positions if None) and ``head`` (all if
-    None; ``hook_z`` only) with the source's value there."""
+    None; ``hook_z`` only) with the source's value there (a fixed tensor, or a function of the
+    row's live activation at the hook)."""
 
     hook: str
     layer: int
@@ -198,11 +207,14 @@ class Intervener:
 
     # --- rows ------------------------------------------------------------------------------------
 
-    def run(self, rows: Sequence[Row], source: Mapping[str, torch.Tensor], *, batched: bool = True,
+    def run(self, rows: Sequence[Row], source: Mapping[str, Source], *, batched: bool = True,
             progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """The metric with each row's edits applied, ``(len(rows),)`` float64. ``source[hook]``
-        holds the values edits write (first axis: position). ``batched=False``: one full forward
-        pass per row (the reference the batched engine is tested against)."""
+        holds the values edits write (first axis: position), or is a function of the activation
+        arriving at the hook in that row (``(positions, ...)``, with the row's earlier edits to the
+        same hook applied) returning the values to write, same shape: an edit that depends on the
+        live activation, such as removing one SAE feature's contribution. ``batched=False``: one
+        full forward pass per row (the reference the batched engine is tested against)."""
         import torch
 
         out = np.full(len(rows), self.baseline, dtype=np.float64)  # a row without edits is the clean pass
@@ -225,7 +237,7 @@ class Intervener:
                     progress(min(s + per_batch, len(order)), len(order))
         return out
 
-    def _batch(self, rows: Sequence[Row], source: Mapping[str, torch.Tensor],
+    def _batch(self, rows: Sequence[Row], source: Mapping[str, Source],
                starts: Sequence[int] | None) -> np.ndarray:
         """The metric for ``rows``: a full forward pass of the batch (``starts`` None), or a replay
         in which row ``r`` joins the batch at block ``starts[r]`` (ascending) with the clean
@@ -243,7 +255,9 @@ class Intervener:
                     idx: tuple[Any, ...] = (slice(None) if e.pos is None else e.pos,)
                     if e.head is not None:
                         idx += (e.head,)
-                    act[(r, *idx)] = source[e.hook][idx].to(act.dtype)
+                    src = source[e.hook]
+                    value = src(act[r]) if callable(src) else src
+                    act[(r, *idx)] = value[idx].to(act.dtype)
                 return act
             return fn
 
