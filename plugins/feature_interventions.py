@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from workbench_plugins.intervene import Edit, Intervener, Row
 from workbench_plugins.intervention_setup import input_tokens, make_metric, parse_prompts
-from workbench_plugins.interventions import _TARGET, generate
+from workbench_plugins.interventions import TARGET_PARAMS, generate
 from workbench_plugins.sae import find_sae
 from workbench_plugins.sae_data import SKIP_CHOICES
 from workbench_plugins.sae_format import SAE
@@ -325,7 +325,7 @@ FEATURE_INTERVENTION = Analysis(
         Param("skip", str, "auto", "positions never edited: auto (a decoder's first position and special "
               "tokens, as sae leaves them out), first, special, none", choices=SKIP_CHOICES),
         Param("hook", str, "", "the hook to edit (default: the SAE's metadata.hook_name)"),
-        *_TARGET,
+        *TARGET_PARAMS,
         Param("tokens", int, 20, "tokens to generate with and without the edit (0: none)", min=0, max=512),
         Param("temperature", float, 1.0, "sampling temperature; 0 = greedy", min=0.0),
         Param("top_k", int, 0, "sample from the k most likely tokens (0: all)", min=0),

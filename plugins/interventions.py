@@ -302,7 +302,7 @@ def render_steering(result: Result) -> str:
 
 # --- registration ---------------------------------------------------------------------------------
 
-_TARGET = (
+TARGET_PARAMS = (  # the metric and target parameters, shared with feature-intervention
     Param("metric", str, "auto", "logit_diff (answer - wrong), logit, prob or loss; auto: logit_diff "
           "where there is a wrong token, else logit", choices=METRICS),
     Param("target", str, "", "the token whose logit is measured (default: the prompt's answer, else the "
@@ -324,7 +324,7 @@ ABLATION = Analysis(
               "'corrupted' text)", choices=("zero", "mean", "resample")),
         Param("component", str, "all", "heads, mlp, layers, positions (residual stream at each layer's "
               "entry), or all", choices=("all", *ABLATION_COMPONENTS)),
-        *_TARGET,
+        *TARGET_PARAMS,
     ),
     render_text=render_ablation,
 )
@@ -343,7 +343,7 @@ PATCHING = Analysis(
               "(layer x head), or all", choices=("all", *PATCH_COMPONENTS)),
         Param("attribution", bool, True, "also the gradient estimate (attribution patching) and its "
               "correlation with real patching"),
-        *_TARGET,
+        *TARGET_PARAMS,
     ),
     render_text=render_patching,
 )
