@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 HIST_EDGES = np.linspace(-2.0, 4.0, 37)
 """``log10`` activation bin edges: 0.01 to 10,000 in 36 bins of a sixth of a decade."""
-BLOCK_TOKENS = 4096
+BLOCK_TOKENS = 1024
 
 
 def check_fits(run: Run, sae: SAE, hook: str) -> str:
