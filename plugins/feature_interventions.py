@@ -38,7 +38,7 @@ import numpy as np
 from workbench_plugins.intervene import Edit, Intervener, Row
 from workbench_plugins.intervention_setup import input_tokens, make_metric, parse_prompts
 from workbench_plugins.interventions import TARGET_PARAMS, generate
-from workbench_plugins.sae import find_sae
+from workbench_plugins.sae import find_sae, sae_identity
 from workbench_plugins.sae_data import SKIP_CHOICES
 from workbench_plugins.sae_format import SAE
 
@@ -310,6 +310,7 @@ FEATURE_INTERVENTION = Analysis(
                 "beside the unchanged model",
     version="1",
     compute=compute_feature_intervention,
+    inputs=lambda run, p: sae_identity(run, p["sae"]),
     needs_model=True,
     families=("decoder",),
     auto=False,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from workbench_plugins import sae_data
-from workbench_plugins.sae import device_of, find_sae
+from workbench_plugins.sae import device_of, find_sae, sae_identity
 from workbench_plugins.sae_format import SAE
 
 from workbench import hookimpl
@@ -235,6 +235,7 @@ FEATURES = Analysis(
     description="A run encoded with an SAE: per feature density, max, top contexts, histogram, "
                 "promoted and suppressed tokens",
     compute=compute_features, auto=False, may_use_model=True,
+    inputs=lambda run, p: sae_identity(run, p["sae"]),
     params=(
         Param("sae", str, "", "the SAE: empty (newest trained on this run), a hook name, a result key, "
               "or a SAELens folder"),

@@ -345,14 +345,17 @@ def sae_results(run: Run) -> list[StoredResult]:
     return [r for r in list_results(run) if r.analysis == "sae" and r.ok and r.computed_on(run)]
 
 
-def find_sae(run: Run, spec: str) -> tuple[SAE, str]:
-    """The SAE ``spec`` names: empty (the newest trained on this run), a hook name (the newest on
-    it), a result key (or its first digits), or a SAELens folder. Returns it and where it came
-    from."""
+def locate_sae(run: Run, spec: str) -> Path | StoredResult:
+    """Where the SAE ``spec`` names is, without reading its weights: a SAELens folder, or the
+    stored ``sae`` result (empty: the newest trained on this run; a hook name: the newest on it; a
+    result key or its first digits)."""
     spec = spec.strip()
     path = Path(spec).expanduser() if spec else None
-    if path is not None and (path.is_dir() or "/" in spec or spec.startswith(".")):
-        return load_folder(path), str(path)
+    if path is not None and (path.exists() or "/" in spec or spec.startswith(".")):
+        if not path.is_dir():
+            raise UserError(f"{path}: not a folder (an SAE is a SAELens folder with cfg.json and "
+                            "sae_weights.safetensors)")
+        return path
     found = sae_results(run)
     if spec:
         found = [r for r in found if r.data.get("hook") == spec or r.meta.get("key", "").startswith(spec)]
@@ -360,7 +363,31 @@ def find_sae(run: Run, spec: str) -> tuple[SAE, str]:
         what = f" matching {spec!r}" if spec else ""
         raise UserError(f"no SAE{what} trained on {run.final_path.name} (train one: workbench analyze "
                         f"{run.final_path.name} sae --param sae.hook=NAME; or give a SAELens folder)")
-    return stored_sae(found[0]), f"sae result {found[0].meta.get('key')} ({found[0].data.get('hook')})"
+    return found[0]
+
+
+def sae_identity(run: Run, spec: str) -> dict[str, Any]:
+    """The identity of the SAE ``spec`` names now (a result's key, or a folder's files' SHA-256),
+    which joins the key of results computed with it: a newer SAE is not answered with a result of
+    the old one."""
+    import hashlib
+
+    where = locate_sae(run, spec)
+    if isinstance(where, Path):
+        digest = hashlib.sha256()
+        for name in ("cfg.json", "sae_weights.safetensors"):
+            f = where / name
+            digest.update(f.read_bytes() if f.is_file() else b"")
+        return {"sae": f"folder sha256 {digest.hexdigest()[:16]}"}
+    return {"sae": f"result {where.meta.get('key')} {where.meta.get('created')}"}
+
+
+def find_sae(run: Run, spec: str) -> tuple[SAE, str]:
+    """The SAE ``spec`` names (:func:`locate_sae`), loaded, and where it came from."""
+    where = locate_sae(run, spec)
+    if isinstance(where, Path):
+        return load_folder(where), str(where)
+    return stored_sae(where), f"sae result {where.meta.get('key')} ({where.data.get('hook')})"
 
 
 SAE_ANALYSIS = Analysis(

@@ -298,3 +298,21 @@ def test_find_sae_names(planted, tmp_path):
     with pytest.raises(UserError, match="no SAE matching"):
         find_sae(run, "blocks.9.hook_resid_post")
     assert isinstance(sae, SAE)
+
+
+def test_features_is_recomputed_when_the_sae_behind_it_changes(tmp_path):
+    path = write_synthetic_run(tmp_path / "run.h5", n_prompts=200, n_layers=1, n_heads=1, d_model=16,
+                               lengths=(8, 12), batch_size=50)
+    run = workbench.open_run(path)
+    small = {"features": 32, "k": 2, "batch": 64, "tokens": 2_000, "lr": 0.0}
+    first = _train(run, **small)
+    feat = build_analyses().get("features")
+    [a] = analyze(run, [feat], {"features": {"logits": 0}})
+    [again] = analyze(run, [feat], {"features": {"logits": 0}})
+    assert (a.status, again.status) == ("computed", "reused")
+    second = _train(run, **small, seed=1)
+    [b] = analyze(run, [feat], {"features": {"logits": 0}})
+    assert b.status == "computed" and b.stored.path != a.stored.path
+    assert second.meta["key"] in b.stored.data["sae"]["source"] and first.meta["key"] in a.stored.data["sae"]["source"]
+    with pytest.raises(UserError, match="not a folder"):
+        analyze(run, [feat], {"features": {"sae": str(path)}})

@@ -140,6 +140,11 @@ class Analysis:
     auto: bool = True
     """``workbench analyze RUN`` with no names runs it when the run can feed it. False for an
     analysis that needs a parameter only the user can give (a direction's name, a file)."""
+    inputs: Callable[[Run, dict[str, Any]], dict[str, Any]] | None = None
+    """What else the result depends on, besides the run and the parameters: ``inputs(run,
+    params)`` returns a small JSON-able identity (the SAE a ``features.sae=""`` resolves to now,
+    a file's digest) that joins the result's key, so a changed input is computed again rather
+    than reused. A :class:`UserError` it raises is the user's (exit 2)."""
     render_text: Callable[[Result], str] | None = None
     """Text for the terminal; default: the data as indented JSON and the arrays' shapes."""
     to_json: Callable[[Result], Any] | None = None
@@ -435,7 +440,8 @@ def analyze(run: Run, analyses: list[Analysis], params: dict[str, dict[str, Any]
     outcomes = []
     for a, values in resolved:
         run.refresh()
-        key = R.result_key(a.name, a.version, values)
+        inputs = a.inputs(run, values) if a.inputs is not None else {}
+        key = R.result_key(a.name, a.version, {**values, "_inputs": inputs} if inputs else values)
         if not force:
             existing = R.find(run, a.name, a.version, key)
             if existing is not None and existing.ok and existing.current(run):
