@@ -63,13 +63,12 @@ def check_fits(run: Run, sae: SAE, hook: str) -> str:
 def features_at(run: Run, sae: SAE, hook: str, i: int, top: int = 8) -> list[list[tuple[int, float]]]:
     """For each position of prompt ``i``: its active features, strongest first (at most ``top``),
     as ``(feature, activation)``. Numpy only (the terminal view uses it)."""
-    acts = sae.encode(run.activation(hook, i).astype(np.float32))
-    out = []
-    for row in acts:
-        idx = np.flatnonzero(row > 0)
-        idx = idx[np.argsort(-row[idx])][:top]
-        out.append([(int(f), float(row[f])) for f in idx])
-    return out
+    x = run.activation(hook, i).astype(np.float32)
+    rows, cols, vals = sae.encode_sparse(x)
+    out: list[list[tuple[int, float]]] = [[] for _ in range(len(x))]
+    for r, c, v in zip(rows.tolist(), cols.tolist(), vals.tolist(), strict=True):
+        out[r].append((c, v))
+    return [sorted(feats, key=lambda fv: -fv[1])[:top] for feats in out]
 
 
 def logit_effects(sae: SAE, unembed: Any, n: int) -> dict[str, np.ndarray]:
@@ -178,6 +177,9 @@ def logits_part(ctx: AnalysisContext, sae: SAE, n: int, arrays: dict[str, np.nda
     mats = token_matrices(model)
     if "unembed" not in mats:
         return {"note": f"left out: {model.name} has no trained LM head (its unembedding is noise)"}
+    if mats["unembed"].shape[1] != sae.d_in:
+        return {"note": f"left out: the SAE's {sae.d_in}-dimensional decoder rows are not in the "
+                        f"residual stream ({mats['unembed'].shape[1]} dimensions) the unembedding reads"}
     arrays.update(logit_effects(sae, mats["unembed"], n))
     ids = np.unique(np.concatenate([arrays["promoted_ids"].ravel(), arrays["suppressed_ids"].ravel()]))
     return {"how": "W_dec[f] @ W_U (no final norm)", "n": n,

@@ -197,11 +197,11 @@ class FeaturesView(Panes, Static):
             sae = self.sae()
             if sae is None:
                 return None
-            acts = sae.encode(np.asarray(self.run.activation(self.hook, prompt), dtype=np.float32))
-            rows, cols = np.nonzero(acts > 0)
+            x = np.asarray(self.run.activation(self.hook, prompt), dtype=np.float32)
+            rows, cols, vals = sae.encode_sparse(x)
             if len(self._encoded) >= CACHED_PROMPTS:
                 self._encoded.pop(next(iter(self._encoded)))
-            self._encoded[prompt] = (rows, cols, acts[rows, cols], len(acts))
+            self._encoded[prompt] = (rows, cols, vals, len(x))
         return self._encoded[prompt]
 
     def activations(self, prompt: int, feature: int) -> np.ndarray | None:

@@ -76,8 +76,14 @@ def device_of(choice: str) -> str:
 
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {choice!r}: no CUDA device here")
+    try:
+        dev = torch.device(choice)
+    except (RuntimeError, ValueError):
+        raise UserError(f"device {choice!r} is not a device (cpu, cuda, cuda:N, auto)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"device {choice!r}: no such CUDA device here")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device {choice!r}: use cpu, cuda, cuda:N or auto")
     return choice
 
 
@@ -129,7 +135,7 @@ def train(batches: Any, d_in: int, *, features: int, k: int, steps: int, lr: flo
         x = torch.from_numpy(next(batches)).to(device)
         t_data += time.perf_counter() - td
         if step == 0:
-            with torch.no_grad():  # start the decoder bias at the data's centre (sparsify: median)
+            with torch.no_grad():  # the decoder bias starts at the data's coordinate-wise median
                 coder.b_dec.data = x.median(0).values.to(coder.b_dec.dtype)
         dead = since_fired > dead_tokens if auxk > 0 else None
         out = coder(x, dead_mask=dead)
@@ -260,6 +266,8 @@ def compute_sae(ctx: AnalysisContext) -> Result:
     features = p["features"] or p["expansion"] * sel.d_in
     if not 1 <= p["k"] <= features:
         raise UserError(f"k={p['k']} must be between 1 and the number of features ({features})")
+    if p["multi_topk"] and 4 * p["k"] > features:
+        raise UserError(f"multi_topk uses 4k={4 * p['k']} features per token: more than there are ({features})")
     n_train = sel.n_tokens(run, sel.train)
     if n_train < 2 * p["batch"]:
         raise UserError(f"only {n_train:,} training tokens at {sel.hook}: fewer than two batches of "
@@ -281,7 +289,15 @@ def compute_sae(ctx: AnalysisContext) -> Result:
             "prepend_bos": run.capture_settings.bos == "prepend"}
     sae = to_sae(coder, sel.hook, run.model_name, meta)
     held, fires = evaluate(run, sel, sae, device, block_tokens)
-    ce = ce_recovered(ctx, sel, sae, p["ce_prompts"]) if p["ce"] and sel.heldout else {"note": "not asked (ce=false)"}
+    if not p["ce"]:
+        ce: dict[str, Any] = {"note": "not asked (ce=false)"}
+    elif not sel.heldout:
+        ce = {"note": "no held-out prompts (holdout=0)"}
+    else:
+        try:
+            ce = ce_recovered(ctx, sel, sae, p["ce_prompts"])
+        except Exception as exc:  # noqa: BLE001 - the trained SAE is kept; the note says what failed
+            ce = {"note": f"left out: {type(exc).__name__}: {exc}".splitlines()[0]}
     cfg_raw, weights_raw = sae.to_bytes()
     data = {
         "hook": sel.hook, "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
@@ -318,7 +334,8 @@ def render_sae(result: Result) -> str:
     if held.get("tokens"):
         ev = held["explained_variance"]
         lines.append(f"held out ({d['prompts']['heldout']:,} prompts, {held['tokens']:,} tokens): "
-                     f"MSE {held['mse']:.4g}, explained variance {ev:.3f}, L0 {held['l0']:.1f}, "
+                     f"MSE {held['mse']:.4g}, explained variance {'n/a' if ev is None else f'{ev:.3f}'}, "
+                     f"L0 {held['l0']:.1f}, "
                      f"dead {held['dead']:,} ({held['dead_share']:.1%}), dense {held['dense']:,}")
     if "ce_recovered" in ce:
         lines.append(f"next-token loss on {ce['prompts']} held-out prompts: clean {ce['loss_clean']:.3f}, "
@@ -352,13 +369,20 @@ def locate_sae(run: Run, spec: str) -> Path | StoredResult:
     spec = spec.strip()
     path = Path(spec).expanduser() if spec else None
     if path is not None and (path.exists() or "/" in spec or spec.startswith(".")):
+        if not path.exists():
+            raise UserError(f"{path}: no such SAE folder")
         if not path.is_dir():
             raise UserError(f"{path}: not a folder (an SAE is a SAELens folder with cfg.json and "
                             "sae_weights.safetensors)")
         return path
     found = sae_results(run)
     if spec:
-        found = [r for r in found if r.data.get("hook") == spec or r.meta.get("key", "").startswith(spec)]
+        by_hook = [r for r in found if r.data.get("hook") == spec]
+        by_key = [r for r in found if r.meta.get("key", "").startswith(spec)]
+        if not by_hook and len(by_key) > 1:
+            keys = ", ".join(str(r.meta.get("key")) for r in by_key)
+            raise UserError(f"{spec!r} starts the keys of {len(by_key)} SAEs ({keys}): give more of it")
+        found = by_hook or by_key
     if not found:
         what = f" matching {spec!r}" if spec else ""
         raise UserError(f"no SAE{what} trained on {run.final_path.name} (train one: workbench analyze "
@@ -401,7 +425,7 @@ SAE_ANALYSIS = Analysis(
         Param("features", int, 0, "number of features (0: expansion x d_in)", min=0),
         Param("expansion", int, 8, "features per input dimension when features=0", min=1),
         Param("k", int, 32, "features active per token (TopK)", min=1),
-        Param("tokens", int, 0, "training tokens (0: every training token once)", min=0),
+        Param("tokens", int, 0, "training tokens (0: as many as the training tokens, about one pass)", min=0),
         Param("batch", int, 1024, "tokens per step", min=1),
         Param("lr", float, 0.0, "learning rate (0: sparsify's 2e-4 / sqrt(features / 2^14))", min=0),
         Param("auxk", float, 1 / 32, "weight of the AuxK loss that revives dead features", min=0),
@@ -444,6 +468,8 @@ def register_commands(cli):  # type: ignore[no-untyped-def]
         with open_run(run_path) as run:
             sae, where = find_sae(run, spec)
         folder = Path(out)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder} is a file; give a folder to write the SAE into")
         if (folder / "cfg.json").exists() and not force:
             raise UserError(f"{folder} already holds an SAE (cfg.json); --force replaces it")
         sae.save(folder)

@@ -36,32 +36,31 @@ class Selection:
     heldout: list[int]
     skip_first: bool
     skip_special: bool
-    special: frozenset[int] = field(default_factory=frozenset)
-    lengths: dict[int, int] = field(default_factory=dict)
+    lengths: np.ndarray
+    """Rows of each prompt (indexed by prompt)."""
+    special_at: dict[int, np.ndarray] = field(default_factory=dict)
+    """Positions of special tokens, for the prompts that have any (when they are skipped)."""
     stream: str = "main"
 
-    _keep: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
-
     def keep(self, run: Run, i: int) -> np.ndarray:
-        """Prompt ``i``'s positions to use (a boolean mask over its rows; remembered: a few
-        bytes per prompt)."""
-        mask = self._keep.get(i)
-        if mask is None:
-            mask = self._keep[i] = self._mask(run, i)
-        return mask
-
-    def _mask(self, run: Run, i: int) -> np.ndarray:
-        n = self.lengths[i]
-        mask = np.ones(n, dtype=bool)
-        if self.skip_first and n:
+        """Prompt ``i``'s positions to use (a boolean mask over its rows)."""
+        mask = np.ones(int(self.lengths[i]), dtype=bool)
+        if self.skip_first and len(mask):
             mask[0] = False
-        if self.skip_special and self.special:
-            ids = run.tokens(i, self.stream)[:n]
-            mask[np.isin(ids, list(self.special))] = False
+        at = self.special_at.get(i)
+        if at is not None:
+            mask[at] = False
         return mask
 
     def n_tokens(self, run: Run, prompts: list[int]) -> int:
-        return int(sum(self.keep(run, i).sum() for i in prompts))
+        n = int(self.lengths[prompts].sum()) if prompts else 0
+        if self.skip_first:
+            n -= int((self.lengths[prompts] > 0).sum()) if prompts else 0
+        for i in prompts:
+            at = self.special_at.get(i)
+            if at is not None:
+                n -= int(len(at) - (1 if self.skip_first and 0 in at else 0))
+        return n
 
 
 def select(run: Run, hook: str, prompts: range, holdout: float, skip: str, seed: int) -> Selection:
@@ -90,12 +89,20 @@ def select(run: Run, hook: str, prompts: range, holdout: float, skip: str, seed:
     train = [int(i) for i in prompts if i not in held]
     stream = spec.stream_of_rows()
     table = run.token_table
-    special = table.special if table is not None else frozenset()
+    special = sorted(table.special) if table is not None else []
     decoder = run.family == "decoder"
+    skip_special = skip in ("special", "auto")
+    lengths = np.zeros(max(prompts, default=-1) + 1, dtype=np.int64)
+    special_at: dict[int, np.ndarray] = {}
+    for i in prompts:
+        lengths[i] = run.n_tokens(int(i), stream)
+        if skip_special and special:
+            at = np.flatnonzero(np.isin(run.tokens(int(i), stream)[: lengths[i]], special))
+            if len(at):
+                special_at[int(i)] = at
     return Selection(hook=spec.name, d_in=int(spec.feature_shape[0]), train=train, heldout=heldout,
                      skip_first=skip in ("first",) or (skip == "auto" and decoder),
-                     skip_special=skip in ("special", "auto"), special=frozenset(special),
-                     lengths={int(i): run.n_tokens(int(i), stream) for i in prompts}, stream=stream)
+                     skip_special=skip_special, lengths=lengths, special_at=special_at, stream=stream)
 
 
 def sink_ratio(run: Run, sel: Selection, sample: int = 64) -> float | None:
@@ -124,7 +131,7 @@ def blocks(sel: Selection, prompts: list[int], block_tokens: int) -> list[list[i
             out.append(cur)
             cur, size = [], 0
         cur.append(i)
-        size += sel.lengths[i]
+        size += int(sel.lengths[i])
     if cur:
         out.append(cur)
     return out
@@ -168,7 +175,7 @@ def shuffled_batches(source: Iterator[np.ndarray], d_in: int, buffer: int, batch
             buf[n:n + take] = chunk[:take]
             spare = chunk[take:]
             n += take
-        buf[:] = buf[rng.permutation(buffer)]
+        rng.shuffle(buf)  # rows, in place (a permuted copy would double the buffer)
         for s in range(0, half - batch + 1, batch):
             yield buf[s:s + batch].copy()
         used = (half // batch) * batch

@@ -152,6 +152,21 @@ class SAE:
         np.put_along_axis(out, idx, np.maximum(np.take_along_axis(pre, idx, -1), 0), -1)
         return out
 
+    def encode_sparse(self, x: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The active features of ``(n, d_in)`` rows as ``(rows, features, values)``, encoded
+        ``chunk`` rows at a time (a dense ``(n, d_sae)`` array of a long prompt and a wide SAE
+        would not fit)."""
+        rows, cols, vals = [], [], []
+        for s in range(0, len(x), chunk):
+            acts = self.encode(x[s:s + chunk])
+            r, c = np.nonzero(acts > 0)
+            rows.append(r + s)
+            cols.append(c)
+            vals.append(acts[r, c])
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+
     def decode(self, acts: np.ndarray, x: np.ndarray | None = None) -> np.ndarray:
         """The reconstruction of the inputs whose activations are ``acts``. Normalisations that
         depend on the input (``constant_norm_rescale``, ``layer_norm``) need ``x`` to undo."""
@@ -255,11 +270,43 @@ class SAE:
         return folder
 
 
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None}
+
+
+def load_tensors(raw: bytes) -> dict[str, np.ndarray]:
+    """A safetensors file's float tensors as float32 numpy arrays. Read here rather than with
+    ``safetensors.numpy``, which has no bfloat16 (SAELens writes weights in the SAE's own dtype):
+    the format is an 8-byte little-endian header length, a JSON header naming each tensor's dtype,
+    shape and byte range, then the bytes."""
+    if len(raw) < 8:
+        raise ValueError("too short")
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n].decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    body = memoryview(raw)[8 + n:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, (a, b) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {dtype}, not a float")
+        if not 0 <= a <= b <= len(body):
+            raise ValueError(f"tensor {name!r} lies outside the file")
+        chunk = bytes(body[a:b])
+        if dtype == "BF16":
+            bits = np.frombuffer(chunk, dtype="<u2").astype(np.uint32) << 16
+            arr = bits.view(np.float32)
+        else:
+            arr = np.frombuffer(chunk, dtype=np.dtype(SAFETENSORS_DTYPES[dtype]).newbyteorder("<"))
+        out[name] = arr.astype(np.float32).reshape(shape)
+    return out
+
+
 def from_bytes(cfg_raw: bytes, weights_raw: bytes, where: str = "SAE") -> SAE:
     """An :class:`SAE` from the contents of ``cfg.json`` and ``sae_weights.safetensors``; a
     malformed pair is a :class:`UserError` naming ``where``."""
-    from safetensors.numpy import load
-
     try:
         cfg = json.loads(cfg_raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -267,24 +314,45 @@ def from_bytes(cfg_raw: bytes, weights_raw: bytes, where: str = "SAE") -> SAE:
     if not isinstance(cfg, dict):
         raise UserError(f"{where}: {CFG_FILE} is not a JSON object")
     try:
-        tensors = load(weights_raw)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own, unexported error types
-        raise UserError(f"{where}: {WEIGHTS_FILE} is not a safetensors file ({exc})".splitlines()[0]) from None
+        tensors = load_tensors(weights_raw)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{where}: {WEIGHTS_FILE} is not a safetensors file of float tensors ({exc})"
+                        .splitlines()[0]) from None
+    try:
+        return _from_parts(cfg, tensors, where)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"{where}: {CFG_FILE} is malformed ({exc})".splitlines()[0]) from None
+
+
+def _from_parts(cfg: dict[str, Any], tensors: dict[str, np.ndarray], where: str) -> SAE:
     arch = cfg.get("architecture")
     if arch is None:
         raise UserError(f"{where}: {CFG_FILE} has no 'architecture' (not a SAELens SAE folder?)")
+    if not isinstance(cfg.get("metadata") or {}, dict):
+        raise UserError(f"{where}: {CFG_FILE}'s metadata is not an object")
     missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in tensors]
     if missing:
         raise UserError(f"{where}: {WEIGHTS_FILE} lacks {', '.join(missing)} (has {', '.join(sorted(tensors))})")
     known = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
              "normalize_activations", "reshape_activations", "k", "rescale_acts_by_decoder_norm",
              "metadata", "hook_name", "model_name"}
+    # SAELens before 6 wrote a TopK SAE as architecture "standard" with activation_fn_str "topk"
+    act = cfg.get("activation_fn_str")
+    if act == "topk":
+        arch = "topk"
+        cfg = {**cfg, "k": (cfg.get("activation_fn_kwargs") or {}).get("k", cfg.get("k"))}
+    elif act not in (None, "relu"):
+        raise UserError(f"{where}: activation_fn_str={act!r} is not supported (relu, topk)")
+    if act is not None:
+        known |= {"activation_fn_str", "activation_fn_kwargs"}
+    if cfg.get("finetuning_scaling_factor"):
+        raise UserError(f"{where}: finetuning_scaling_factor is not supported")
     meta = dict(cfg.get("metadata") or {})
     hook = meta.pop("hook_name", None) or cfg.get("hook_name") or ""
     model = meta.pop("model_name", None) or cfg.get("model_name") or ""
     if cfg.get("reshape_activations", "none") != "none":
         raise UserError(f"{where}: reshape_activations={cfg['reshape_activations']!r} is not supported")
-    f32 = {n: np.asarray(t, dtype=np.float32) for n, t in tensors.items()}
+    f32 = tensors
     sae = SAE(architecture=str(arch), W_enc=f32["W_enc"], b_enc=f32["b_enc"], W_dec=f32["W_dec"],
               b_dec=f32["b_dec"], k=cfg.get("k"), threshold=f32.get("threshold"),
               apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),

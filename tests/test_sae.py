@@ -316,3 +316,26 @@ def test_features_is_recomputed_when_the_sae_behind_it_changes(tmp_path):
     assert second.meta["key"] in b.stored.data["sae"]["source"] and first.meta["key"] in a.stored.data["sae"]["source"]
     with pytest.raises(UserError, match="not a folder"):
         analyze(run, [feat], {"features": {"sae": str(path)}})
+
+
+def test_bfloat16_and_pre_6_topk_folders_load(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    t = _write_saelens_folder(tmp_path / "old", "standard", activation_fn_str="topk",
+                              activation_fn_kwargs={"k": 2})
+    save_file({n: torch.from_numpy(v).to(torch.bfloat16) for n, v in t.items()},
+              str(tmp_path / "old" / "sae_weights.safetensors"))
+    sae = load_folder(tmp_path / "old")
+    assert sae.architecture == "topk" and sae.k == 2
+    rounded = {n: torch.from_numpy(v).to(torch.bfloat16).float().numpy() for n, v in t.items()}
+    np.testing.assert_array_equal(sae.W_enc, rounded["W_enc"])
+    x = np.random.default_rng(3).normal(size=(5, 6)).astype(np.float32)
+    want = _formula(x, rounded["W_enc"], rounded["b_enc"], rounded["b_dec"], "topk", k=2)
+    np.testing.assert_allclose(sae.encode(x), want, atol=1e-5)
+    rows, cols, vals = sae.encode_sparse(x, chunk=2)
+    np.testing.assert_allclose(vals, want[rows, cols])
+    assert len(rows) == int((want > 0).sum())
+    (tmp_path / "old" / "cfg.json").write_text(json.dumps({"architecture": "standard", "metadata": "gpt2"}))
+    with pytest.raises(UserError, match="metadata is not an object"):
+        load_folder(tmp_path / "old")

@@ -451,7 +451,7 @@ class WorkbenchApp(LivePrompts, App[None]):
         try:
             analysis = build_analyses().get(name)
             outcomes = analyze(self.active_run, [analysis], {name: params} if params else None,
-                               progress=lambda a, i, n: self.call_from_thread(self._progress, name, i, n))
+                               progress=lambda a, i, n, *_: self.call_from_thread(self._progress, name, i, n))
         except UserError as exc:
             self.call_from_thread(self._analysis_failed, name, str(exc))
             return
