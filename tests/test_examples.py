@@ -43,3 +43,17 @@ def test_capture_dataset_example_on_tiny_model(tmp_path):
 def test_capture_dataset_example_on_default_model(tmp_path):
     out = _run("capture_dataset.py", "smollm2-135m", str(tmp_path))
     assert "[france]" in out and "top next-token id 7042" in out  # " Paris"
+
+
+def test_docs_corpus_builds_english_prompts(tmp_path):
+    import json
+
+    out = _run("build_docs_corpus.py", "--out", str(tmp_path / "c.jsonl"), "--max-prompts", "12")
+    assert "12 prompts (of " in out
+    rows = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all({"id", "prompt", "source"} <= set(r) for r in rows)
+    for r in rows:  # prose: sentences of words, no doctest or code lines
+        text = r["prompt"]
+        assert ">>>" not in text and "def " not in text[:4] and text.rstrip()[-1] in ".!?\")'"
+        words = text.split()
+        assert len(words) >= 8 and sum(w.strip(".,;:()\"'").isalpha() for w in words) / len(words) > 0.6
