@@ -112,12 +112,11 @@ def compute_features(ctx: AnalysisContext) -> Result:
     n_tokens = 0
     all_blocks = sae_data.blocks(sel, sel.train, BLOCK_TOKENS)
     for b, block in enumerate(all_blocks):
-        rows = sae_data.read_block(run, sel, block)
+        rows, prompts_np, pos_np = sae_data.read_block_where(run, sel, block)
         if not len(rows):
             continue
-        where = [(i, np.flatnonzero(sel.keep(run, i))) for i in block]
-        prompt_of = torch.as_tensor(np.concatenate([np.full(len(pos), i) for i, pos in where]), dtype=torch.int32)
-        pos_of = torch.as_tensor(np.concatenate([pos for _, pos in where]), dtype=torch.int32)
+        prompt_of = torch.as_tensor(prompts_np, dtype=torch.int32)
+        pos_of = torch.as_tensor(pos_np, dtype=torch.int32)
         with torch.no_grad():
             acts = sae.torch_encode(torch.from_numpy(rows).to(device), w).cpu()
             active = acts > 0
@@ -151,7 +150,8 @@ def compute_features(ctx: AnalysisContext) -> Result:
                                     "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
                                     "k": sae.k},
                             "hook": hook, "tokens_encoded": n_tokens, "prompts": len(sel.train),
-                            "skipped": {"first_position": sel.skip_first, "special_tokens": sel.skip_special},
+                            "skipped": {"first_position": sel.skip_first, "special_tokens": sel.skip_special,
+                                        "norm_above": sel.max_norm},
                             "dead": int((fires_np == 0).sum()),
                             "dense": int((fires_np > 0.1 * max(n_tokens, 1)).sum())}
     data["logits"] = logits_part(ctx, sae, p["logits"], arrays)
@@ -233,7 +233,7 @@ def render_features(result: Result) -> str:
 
 
 FEATURES = Analysis(
-    name="features", version="1",
+    name="features", version="2",
     description="A run encoded with an SAE: per feature density, max, top contexts, histogram, "
                 "promoted and suppressed tokens",
     compute=compute_features, auto=False, may_use_model=True,

@@ -3,7 +3,7 @@
 ``workbench analyze RUN sae --param sae.hook=blocks.12.hook_resid_post`` streams the hook's rows
 from the run (``sae_data``: contiguous blocks of prompts in a shuffled order through a shuffling
 buffer of ``buffer`` tokens, so memory is the buffer, not the run), leaves out the positions that
-poison dictionaries (a decoder's first position, special tokens), holds out a share of the prompts,
+poison dictionaries (a decoder's first position, special tokens, rows of outlying norm), holds out a share of the prompts,
 and trains EleutherAI's ``sparsify`` ``SparseCoder`` (TopK; ``multi_topk`` as an option) with its
 own recipe: Adam at ``2e-4 / sqrt(features / 2^14)`` with a linear warm-up and decay, decoder rows
 kept at unit norm with the gradient parallel to them removed, the fraction of variance unexplained
@@ -234,8 +234,9 @@ def ce_recovered(ctx: AnalysisContext, sel: sae_data.Selection, sae: SAE, n_prom
             def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
                 x = act[0].float()
                 new = sae.torch_decode(sae.torch_encode(x, w), w, x) if how == "sae" else torch.zeros_like(x)
+                where = keep if sel.max_norm is None else keep & (x.norm(dim=-1) <= sel.max_norm)
                 out = act.clone()
-                out[0, keep] = new[keep].to(act.dtype)
+                out[0, where] = new[where].to(act.dtype)
                 return out
             return fn
 
@@ -253,7 +254,7 @@ def ce_recovered(ctx: AnalysisContext, sel: sae_data.Selection, sae: SAE, n_prom
     return {"prompts": len(prompts), "tokens": count, "loss_clean": loss["clean"], "loss_sae": loss["sae"],
             "loss_zero": loss["zero"], "ce_recovered": (loss["zero"] - loss["sae"]) / span if span else None,
             "how": "next-token loss; the hook's activation replaced at the used positions "
-                   "(a skipped first position or special token keeps its own)"}
+                   "(a skipped first position, special token or outlier row keeps its own)"}
 
 
 # --- the analysis -------------------------------------------------------------------------------
@@ -305,7 +306,7 @@ def compute_sae(ctx: AnalysisContext) -> Result:
         "prompts": {"train": len(sel.train), "heldout": len(sel.heldout)},
         "tokens": {"train_available": n_train, "trained": record["tokens"], "heldout": held.get("tokens", 0)},
         "skipped": {"first_position": sel.skip_first, "special_tokens": sel.skip_special,
-                    "sink_ratio": sae_data.sink_ratio(run, sel)},
+                    "norm_above": sel.max_norm, "sink_ratio": sae_data.sink_ratio(run, sel)},
         "buffer": {"tokens": buffer, "mb": round(buffer * sel.d_in * 4 / 1e6, 2), "block_tokens": block_tokens},
         "training": {k: v for k, v in record.items() if k != "curve"} | {"dead_tokens": dead_tokens,
                                                                           "auxk": p["auxk"], "batch": p["batch"]},
@@ -329,6 +330,7 @@ def render_sae(result: Result) -> str:
              f"buffer {d['buffer']['tokens']:,} tokens ({d['buffer']['mb']} MB); peak RSS {d['peak_rss_mb']:,.0f} MB",
              "skipped: " + ", ".join(n for n, on in (("first position", d["skipped"]["first_position"]),
                                                      ("special tokens", d["skipped"]["special_tokens"])) if on)
+             + (f", rows of norm above {d['skipped']['norm_above']:,.0f}" if d["skipped"].get("norm_above") else "")
              + (f" (first position's norm {d['skipped']['sink_ratio']:.1f}x the others')"
                 if d["skipped"].get("sink_ratio") else "")]
     if held.get("tokens"):
@@ -415,7 +417,7 @@ def find_sae(run: Run, spec: str) -> tuple[SAE, str]:
 
 
 SAE_ANALYSIS = Analysis(
-    name="sae", version="1",
+    name="sae", version="2",
     description="Train a TopK sparse autoencoder on one hook, streamed from the run; held-out MSE, "
                 "explained variance, L0, dead features, CE recovered",
     compute=compute_sae, auto=False, may_use_model=True, families=("decoder", "encoder", "encoder-decoder"),
@@ -434,8 +436,9 @@ SAE_ANALYSIS = Analysis(
         Param("multi_topk", bool, False, "add sparsify's Multi-TopK loss"),
         Param("buffer", int, 65536, "shuffling buffer in tokens (memory: buffer x d_in x 4 bytes)", min=2),
         Param("holdout", float, 0.1, "share of prompts held out for the metrics", min=0, max=0.9),
-        Param("skip", str, "auto", ("positions left out: auto (a decoder's first position and special "
-                                    "tokens), first, special, none"), choices=sae_data.SKIP_CHOICES),
+        Param("skip", str, "auto", ("positions left out: auto (a decoder's first position, special "
+                                    "tokens, rows of norm > 10x the median), first, special, none"),
+              choices=sae_data.SKIP_CHOICES),
         Param("ce", bool, True, "next-token loss with the reconstruction spliced in (reloads the model)"),
         Param("ce_prompts", int, 64, "held-out prompts for the next-token loss", min=1),
         Param("seed", int, 0, "seed for the split, the shuffling and the initialisation"),

@@ -4,7 +4,8 @@ whatever the run's size.
 
 Positions that poison dictionaries are left out (``skip=auto``): a decoder's first position (BOS,
 or the attention sink whose residual norm is ~100x the rest on SmolLM2, which would own the
-dictionary's loss) and special tokens anywhere. ``sink_ratio`` measures the first position's median
+dictionary's loss), special tokens anywhere, and rows whose norm is :data:`OUTLIER_RATIO` times the
+median (a sink that is not at position 0). ``sink_ratio`` measures the first position's median
 norm against the others' on a sample of prompts, so the result says how big the skipped sink was.
 
 Nothing here imports torch.
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from workbench.store.reader import Run
 
 SKIP_CHOICES = ("auto", "first", "special", "none")
+OUTLIER_RATIO = 10.0
+"""``skip=auto`` leaves out rows whose norm is this many times the median (SmolLM2 without a BOS:
+about 0.3% of its second positions are sinks too, norm ~4,900 against ~190)."""
 
 
 @dataclass
@@ -41,6 +45,9 @@ class Selection:
     special_at: dict[int, np.ndarray] = field(default_factory=dict)
     """Positions of special tokens, for the prompts that have any (when they are skipped)."""
     stream: str = "main"
+    max_norm: float | None = None
+    """Rows with a larger norm are left out too (``skip=auto``: :data:`OUTLIER_RATIO` times the
+    median norm of the rows after the first position): a sink that is not at position 0."""
 
     def keep(self, run: Run, i: int) -> np.ndarray:
         """Prompt ``i``'s positions to use (a boolean mask over its rows)."""
@@ -100,9 +107,16 @@ def select(run: Run, hook: str, prompts: range, holdout: float, skip: str, seed:
             at = np.flatnonzero(np.isin(run.tokens(int(i), stream)[: lengths[i]], special))
             if len(at):
                 special_at[int(i)] = at
-    return Selection(hook=spec.name, d_in=int(spec.feature_shape[0]), train=train, heldout=heldout,
-                     skip_first=skip in ("first",) or (skip == "auto" and decoder),
-                     skip_special=skip_special, lengths=lengths, special_at=special_at, stream=stream)
+    sel = Selection(hook=spec.name, d_in=int(spec.feature_shape[0]), train=train, heldout=heldout,
+                    skip_first=skip in ("first",) or (skip == "auto" and decoder),
+                    skip_special=skip_special, lengths=lengths, special_at=special_at, stream=stream)
+    if skip == "auto":
+        norms = [np.linalg.norm(run.activation(sel.hook, int(i)).astype(np.float64)[1:], axis=-1)
+                 for i in list(prompts)[:: max(1, len(prompts) // 64)][:64]]
+        flat = np.concatenate(norms) if norms else np.zeros(0)
+        if len(flat) and np.median(flat) > 0:
+            sel.max_norm = float(OUTLIER_RATIO * np.median(flat))
+    return sel
 
 
 def sink_ratio(run: Run, sel: Selection, sample: int = 64) -> float | None:
@@ -137,11 +151,21 @@ def blocks(sel: Selection, prompts: list[int], block_tokens: int) -> list[list[i
     return out
 
 
-def read_block(run: Run, sel: Selection, block: list[int]) -> np.ndarray:
-    """The used rows of consecutive prompts ``block``, float32, in one read."""
+def read_block_where(run: Run, sel: Selection, block: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The used rows of consecutive prompts ``block`` (float32, in one read) and each one's
+    prompt and position."""
     rows = run.rows(sel.hook, block[0], block[-1] + 1)
     mask = np.concatenate([sel.keep(run, i) for i in block]) if block else np.zeros(0, bool)
-    return np.asarray(rows[mask], dtype=np.float32)
+    if sel.max_norm is not None:
+        mask &= np.linalg.norm(rows, axis=-1) <= sel.max_norm
+    prompt = np.repeat(np.asarray(block), sel.lengths[block])
+    pos = np.concatenate([np.arange(sel.lengths[i]) for i in block]) if block else np.zeros(0, int)
+    return np.asarray(rows[mask], dtype=np.float32), prompt[mask], pos[mask]
+
+
+def read_block(run: Run, sel: Selection, block: list[int]) -> np.ndarray:
+    """The used rows of consecutive prompts ``block``, float32, in one read."""
+    return read_block_where(run, sel, block)[0]
 
 
 def row_stream(run: Run, sel: Selection, prompts: list[int], rng: np.random.Generator,

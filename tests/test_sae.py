@@ -339,3 +339,23 @@ def test_bfloat16_and_pre_6_topk_folders_load(tmp_path):
     (tmp_path / "old" / "cfg.json").write_text(json.dumps({"architecture": "standard", "metadata": "gpt2"}))
     with pytest.raises(UserError, match="metadata is not an object"):
         load_folder(tmp_path / "old")
+
+
+def test_auto_skip_leaves_out_a_sink_that_is_not_first(tmp_path):
+    def sink(i, hook, acts):
+        if i == 3 and hook == HOOK:
+            acts = acts.copy()
+            acts[2] *= 500  # a second-position-style sink, ~100x the others' norm and more
+        return acts
+
+    path = write_synthetic_run(tmp_path / "run.h5", n_prompts=20, n_layers=1, n_heads=1, d_model=16,
+                               edit=sink, batch_size=10)
+    run = workbench.open_run(path)
+    sel = sae_data.select(run, HOOK, range(len(run)), 0.0, "auto", 0)
+    rows, prompts, pos = sae_data.read_block_where(run, sel, [2, 3, 4])
+    n3 = run.n_tokens(3)
+    assert sel.max_norm is not None and (3, 2) not in set(zip(prompts.tolist(), pos.tolist(), strict=True))
+    assert int((prompts == 3).sum()) == n3 - 2  # its first position and the sink are left out
+    np.testing.assert_array_equal(rows[prompts == 3][0], run.activation(HOOK, 3)[1])
+    keep_all = sae_data.select(run, HOOK, range(len(run)), 0.0, "first", 0)
+    assert int((sae_data.read_block_where(run, keep_all, [3])[1] == 3).sum()) == n3 - 1
