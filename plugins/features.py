@@ -233,7 +233,7 @@ def render_features(result: Result) -> str:
 
 
 FEATURES = Analysis(
-    name="features", version="2",
+    name="features", version="3",
     description="A run encoded with an SAE: per feature density, max, top contexts, histogram, "
                 "promoted and suppressed tokens",
     compute=compute_features, auto=False, may_use_model=True,

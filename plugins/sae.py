@@ -417,7 +417,7 @@ def find_sae(run: Run, spec: str) -> tuple[SAE, str]:
 
 
 SAE_ANALYSIS = Analysis(
-    name="sae", version="2",
+    name="sae", version="3",
     description="Train a TopK sparse autoencoder on one hook, streamed from the run; held-out MSE, "
                 "explained variance, L0, dead features, CE recovered",
     compute=compute_sae, auto=False, may_use_model=True, families=("decoder", "encoder", "encoder-decoder"),
@@ -437,7 +437,7 @@ SAE_ANALYSIS = Analysis(
         Param("buffer", int, 65536, "shuffling buffer in tokens (memory: buffer x d_in x 4 bytes)", min=2),
         Param("holdout", float, 0.1, "share of prompts held out for the metrics", min=0, max=0.9),
         Param("skip", str, "auto", ("positions left out: auto (a decoder's first position, special "
-                                    "tokens, rows of norm > 10x the median), first, special, none"),
+                                    "tokens, rows of norm > 3x the median), first, special, none"),
               choices=sae_data.SKIP_CHOICES),
         Param("ce", bool, True, "next-token loss with the reconstruction spliced in (reloads the model)"),
         Param("ce_prompts", int, 64, "held-out prompts for the next-token loss", min=1),

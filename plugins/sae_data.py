@@ -25,9 +25,10 @@ if TYPE_CHECKING:
     from workbench.store.reader import Run
 
 SKIP_CHOICES = ("auto", "first", "special", "none")
-OUTLIER_RATIO = 10.0
-"""``skip=auto`` leaves out rows whose norm is this many times the median (SmolLM2 without a BOS:
-about 0.3% of its second positions are sinks too, norm ~4,900 against ~190)."""
+OUTLIER_RATIO = 3.0
+"""``skip=auto`` leaves out rows whose norm is this many times the median. On SmolLM2's layer-15
+residual stream without a BOS, about 1% of second positions are sinks too (norm 500 to 5,000
+against a median of 170) while 99.99% of the other rows stay under 1.4x the median."""
 
 
 @dataclass
