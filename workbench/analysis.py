@@ -340,7 +340,8 @@ class AnalysisContext:
 
     def model(self) -> Model:
         """The model, reloaded by the run's recorded provenance (once per ``analyze`` call). Only
-        for analyses declared with ``needs_model=True``."""
+        for analyses declared with ``needs_model=True`` or ``may_use_model=True`` (for those, a
+        run whose model cannot be reloaded raises :class:`UserError` here)."""
         if not (self.analysis.needs_model or self.analysis.may_use_model) or self._model_loader is None:
             raise RuntimeError(f"analysis {self.analysis.name!r} declared neither needs_model nor "
                                "may_use_model")
