@@ -319,3 +319,33 @@ def test_analyze_list_states_exactly_what_each_analysis_reads():
     assert "LM outputs" in by_name["next-token"][1] and "'answer' field" in by_name["answer"][1]
     assert by_name["attends-to"][1] == "also reads: nothing else (the stored tokens)"
     assert "named only" in by_name["direction"][2]
+
+
+def test_a_result_that_does_not_fit_leaves_nothing_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """Fault injection: the result file's write fails with ENOSPC (as h5py reports it)."""
+    import errno
+
+    import h5py
+
+    from workbench.errors import UserError
+    from workbench.registries import analyze, build_analyses
+    from workbench.store.synthetic import write_synthetic_run
+
+    run = workbench.open_run(write_synthetic_run(tmp_path / "r.h5", n_prompts=3))
+    a = build_analyses().get("next-token")
+    [old] = analyze(run, [a])
+    before = old.stored.path.read_bytes()
+    real = h5py.Group.create_dataset
+
+    def full(self, name, *args, **kwargs):
+        if name == "data":
+            raise OSError(errno.ENOSPC, "[Errno 28] No space left on device")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", full)
+    with pytest.raises(UserError, match="no space left on .*the result of 'next-token' was not stored"):
+        analyze(run, [a], force=True)
+    monkeypatch.undo()
+    folder = old.stored.path.parent
+    assert sorted(p.name for p in folder.iterdir()) == [old.stored.path.name]  # no temporary left
+    assert old.stored.path.read_bytes() == before

@@ -235,3 +235,45 @@ def test_ctrl_c_commits_every_finished_batch_and_resume_completes_the_run(tmp_pa
     with workbench.open_run(out) as run:
         assert run.status == "complete" and len(run) == len(ref)
         assert_prompts_equal(run, ref, range(len(ref)))
+
+
+def test_a_full_disk_mid_capture_is_one_line_and_resume_completes_the_run(tmp_path, reference,
+                                                                          monkeypatch, tiny_models):
+    """Fault injection (a real full filesystem needs a mount): the writer's 31st activation write
+    fails with ENOSPC as h5py reports it. The capture ends with one UserError line naming the
+    committed prompts, which read back exactly; --resume after 'freeing space' equals an
+    uninterrupted capture."""
+    import errno
+
+    from workbench.store.writer import RunWriter
+
+    prompts_file, ref = reference
+    out = tmp_path / "run.h5"
+    real_write = RunWriter.write_act
+    calls = []
+
+    def filling(self, name, values):
+        calls.append(name)
+        if len(calls) == 31:
+            raise OSError(errno.ENOSPC, "[Errno 28] Can't write unprocessed chunk data")
+        return real_write(self, name, values)
+
+    monkeypatch.setattr(RunWriter, "write_act", filling)
+    llama = tiny_models["tiny-llama"]
+    with pytest.raises(UserError, match=r"no space left on .*: \d+ prompts committed in run.h5.partial; "
+                                        "resume with --resume after freeing space") as info:
+        workbench.capture(llama, prompts_file, hooks=HOOKS, out=out, batch_size=BATCH, commit_seconds=0,
+                          progress=False)
+    assert "\n" not in str(info.value)
+    with workbench.open_run(out) as run:
+        n = len(run)
+        assert run.status == "interrupted" and 0 < n < len(ref) and f" {n} prompts" in str(info.value)
+        assert_prompts_equal(run, ref, range(n))
+    monkeypatch.setattr(RunWriter, "write_act", real_write)
+    result = workbench.capture(llama, prompts_file, hooks=HOOKS, out=out, batch_size=BATCH,
+                               resume=True, progress=False)
+    assert result.resumed_from == n
+    with workbench.open_run(out) as run:
+        assert run.status == "complete" and len(run) == len(ref)
+        assert_prompts_equal(run, ref, range(len(ref)))
+    assert not (tmp_path / "run.h5.lock").exists()

@@ -70,3 +70,9 @@ def open_readonly(path: Path, swmr: bool, wait: float = 5.0) -> h5py.File:
                 raise
         time.sleep(delay)
         delay = min(0.2, delay * 2)
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` says the disk is full (h5py's errors carry the errno only in their text)."""
+    return isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "[Errno 28]" in str(exc)
+                                         or "No space left" in str(exc))

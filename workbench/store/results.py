@@ -38,7 +38,7 @@ import numpy as np
 
 from workbench.errors import UserError
 from workbench.paths import fsync_dir
-from workbench.store.files import final_name
+from workbench.store.files import disk_full, final_name
 from workbench.version import __version__
 
 if TYPE_CHECKING:
@@ -261,8 +261,11 @@ def save(run: Run, name: str, version: str, params: dict[str, Any], key: str, re
             os.fsync(fh.fileno())
         os.replace(tmp, final)
         fsync_dir(folder)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if disk_full(exc):
+            raise UserError(f"no space left on {folder}: the result of {meta['analysis']!r} was not stored "
+                            "(nothing half-written; an earlier result is untouched)") from None
         raise
     return StoredResult(path=final, meta=meta, data=result.data,
                         _arrays={k: np.asarray(v) for k, v in result.arrays.items()})

@@ -36,7 +36,7 @@ from typing import Any
 from workbench.errors import UserError
 from workbench.paths import fsync_dir
 from workbench.store import schema as S
-from workbench.store.files import lock_path, partial_path
+from workbench.store.files import disk_full, lock_path, partial_path
 from workbench.store.reader import read_ragged
 from workbench.store.settings import RunSettings
 from workbench.store.shards import read_units_file, shards_dir
@@ -192,16 +192,31 @@ class RunTransaction:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        full = disk_full(exc)
+        committed = self.start_at
         try:
             if exc_type is not None and self.writer is not None:
-                self.writer.close()
+                committed = self.writer.n_prompts
+                try:
+                    self.writer.close()
+                except OSError:
+                    if not full:  # on a full disk, closing may fail the same way: the
+                        raise     # committed prompts are on disk already (offsets last)
                 if self.writer.n_prompts == 0 and self.start_at == 0:
                     self.writer.path.unlink(missing_ok=True)
         finally:
             if self._old is not None and self._old.id.valid:
                 self._old.close()
             if self._lock is not None:
-                self._lock.release(remove=self._done)
+                # no partial file: nothing to resume, so no lock file to leave behind either
+                self._lock.release(remove=self._done or not self.partial.exists())
+        if full:
+            folder = self.final.parent
+            if committed == 0:
+                raise UserError(f"no space left on {folder}: nothing was committed; free space and "
+                                "run the same command again") from None
+            raise UserError(f"no space left on {folder}: {committed} prompts committed in "
+                            f"{self.partial.name}; resume with --resume after freeing space") from None
 
     def already_complete(self, n_prompts: int) -> int | None:
         """With ``--resume`` and a finished run (no partial file): its prompt count when it holds
