@@ -277,3 +277,31 @@ def test_a_full_disk_mid_capture_is_one_line_and_resume_completes_the_run(tmp_pa
         assert run.status == "complete" and len(run) == len(ref)
         assert_prompts_equal(run, ref, range(len(ref)))
     assert not (tmp_path / "run.h5.lock").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_a_capture_as_ctrl_c_does(tmp_path, reference, tiny_models, sig):
+    """A hang-up (SSH closing) or a polite kill: the finished batches are committed, the command
+    says how to continue and exits 130, and --resume completes the run equal to an uninterrupted
+    one."""
+    prompts_file, ref = reference
+    out = tmp_path / "run.h5"
+    proc = _capture_process(prompts_file, out, "--commit-every", "0")
+    assert _wait_for(tmp_path / "run.h5.partial", proc)
+    with workbench.open_run(out) as run:  # wait for a first commit, so something is kept
+        deadline = time.monotonic() + 60
+        while run.refresh() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    assert b"prompts are committed" in err and b"--resume" in err and b"Traceback" not in err
+    with workbench.open_run(out) as run:
+        n = len(run)
+        assert run.status == "interrupted" and 0 < n < len(ref)
+        assert_prompts_equal(run, ref, range(n))
+    workbench.capture(tiny_models["tiny-llama"], prompts_file, hooks=HOOKS, out=out, batch_size=BATCH,
+                      resume=True, progress=False)
+    with workbench.open_run(out) as run:
+        assert run.status == "complete" and len(run) == len(ref)
+        assert_prompts_equal(run, ref, range(len(ref)))

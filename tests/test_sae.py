@@ -359,3 +359,23 @@ def test_auto_skip_leaves_out_a_sink_that_is_not_first(tmp_path):
     np.testing.assert_array_equal(rows[prompts == 3][0], run.activation(HOOK, 3)[1])
     keep_all = sae_data.select(run, HOOK, range(len(run)), 0.0, "first", 0)
     assert int((sae_data.read_block_where(run, keep_all, [3])[1] == 3).sum()) == n3 - 1
+
+
+def test_a_hang_up_during_training_leaves_no_result(tmp_path):
+    import signal
+
+    path = write_synthetic_run(tmp_path / "run.h5", n_prompts=200, n_layers=1, n_heads=1, d_model=16,
+                               lengths=(8, 12), batch_size=50)
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "analyze", str(path), "sae",
+                             "--param", f"sae.hook={HOOK}", "--param", "sae.tokens=100000000",
+                             "--param", "sae.batch=64", "--param", "sae.features=32", "--param", "sae.k=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # the first progress line: training has started
+        if line.startswith("workbench: sae "):
+            break
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    folder = path.with_name(path.name + ".results")
+    assert not folder.exists() or not list(folder.iterdir())  # no result, no temporary

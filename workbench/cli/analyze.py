@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from workbench.cli.base import cli, format_params
+from workbench.cli.base import cli, format_params, hang_ups_interrupt
 from workbench.errors import UserError
 
 # --- plugins and analyses --------------------------------------------------------------------
@@ -155,6 +155,7 @@ def analyze_cmd(run_path: str | None, names: tuple[str, ...], param_items: tuple
     from workbench.registries import analyze, build_analyses
     from workbench.store import open_run
 
+    hang_ups_interrupt()
     registry = build_analyses()
     if list_only:
         _list_analyses(registry, as_json)

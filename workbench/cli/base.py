@@ -24,6 +24,20 @@ SAMPLE_PROMPTS = (
 )
 
 
+def hang_ups_interrupt() -> None:
+    """SIGTERM and SIGHUP (an SSH session closing) stop this command as Ctrl-C does: a capture
+    commits its finished batches and leaves a resumable ``.partial``, an analysis being stored
+    leaves no result file. For the commands that write (capture, analyze); the terminal UI keeps
+    Textual's own handling."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     click.echo(f"workbench: error: {message}", err=True)
     sys.exit(code)

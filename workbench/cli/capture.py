@@ -12,6 +12,7 @@ from workbench.cli.base import (
     SAMPLE_PROMPTS,
     cli,
     format_params,
+    hang_ups_interrupt,
     load_with_spinner,
     make_console,
     model_option,
@@ -187,6 +188,8 @@ def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tup
         hooks += [h for h in capture_hooks_for(wanted) if h not in hooks]
     elif not hooks:
         hooks = ["residual"]
+
+    hang_ups_interrupt()
 
     def load():  # type: ignore[no-untyped-def]  # capture() calls it once its checks pass
         model = load_with_spinner(model_name, device, bos)
