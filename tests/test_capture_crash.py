@@ -196,8 +196,44 @@ def test_two_writers_never_share_a_run(tmp_path, reference):
     first.wait(timeout=300)
     if not finished_first:
         assert second.returncode == 2
-        assert "another capture is writing" in second.stderr
+        assert f"another capture (pid {first.pid}) is writing" in second.stderr
     assert first.returncode == 0
+
+
+def test_a_killed_captures_lock_is_taken_over_with_a_message(tmp_path, reference):
+    prompts_file, ref = reference
+    out = tmp_path / "run.h5"
+    first = _capture_process(prompts_file, out)
+    assert _wait_for(tmp_path / "run.h5.partial", first)
+    first.kill()
+    first.wait()
+    assert (tmp_path / "run.h5.lock").read_text().strip() == str(first.pid)  # left behind
+    second = subprocess.run(_capture_cmd(prompts_file, out, "--resume"), capture_output=True, text=True,
+                            check=False, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert f"(pid {first.pid}) is gone; taking its lock over" in second.stderr
+    with workbench.open_run(out) as run:
+        assert run.status == "complete" and len(run) == len(ref)
+
+
+def test_two_analyses_of_the_same_result_at_once_leave_one_whole_file(tmp_path):
+    from workbench.store.synthetic import write_synthetic_run
+
+    path = write_synthetic_run(tmp_path / "r.h5", n_prompts=40, n_layers=2)
+    cmd = [sys.executable, "-m", "workbench.cli", "analyze", str(path), "next-token", "attends-to", "--force"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    from workbench.store.results import list_results
+
+    with workbench.open_run(path) as run:
+        files = sorted(p.name for p in (tmp_path / "r.h5.results").iterdir())
+        assert not [f for f in files if f.startswith(".")]  # no temporary left
+        done = list_results(run)
+        assert sorted(r.analysis for r in done) == ["attends-to", "next-token"] and all(r.ok for r in done)
+        assert all(r.result().data is not None for r in done)  # each file whole
 
 
 def test_ctrl_c_commits_every_finished_batch_and_resume_completes_the_run(tmp_path, reference,

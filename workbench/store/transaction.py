@@ -64,13 +64,27 @@ class RunLock:
     def __init__(self, final: Path) -> None:
         self.path = lock_path(final)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        holder = self._holder()
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self.fd)
-            raise UserError(f"another capture is writing {final} right now") from None
+            who = f" (pid {holder})" if holder else ""
+            raise UserError(f"another capture{who} is writing {final} right now") from None
+        if holder and holder != os.getpid():
+            # the lock file outlived its capture (killed: the kernel released its flock)
+            print(f"workbench: the capture that held {self.path.name} (pid {holder}) is gone; "
+                  "taking its lock over", file=sys.stderr)
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def _holder(self) -> int | None:
+        """The pid written in the lock file by the capture that took it, if any."""
+        try:
+            text = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else None
+        except OSError:
+            return None
 
     def release(self, remove: bool) -> None:
         if remove:
@@ -235,7 +249,15 @@ class RunTransaction:
             return settings
         import h5py
 
-        self._old = h5py.File(self.partial, "r", swmr=True)
+        try:
+            self._old = h5py.File(self.partial, "r", swmr=True)
+        except OSError:
+            # Killed before its switch to SWMR mode, which comes before the first commit: nothing
+            # in it was committed (HDF5 may not even open it). Start again in its place.
+            print(f"workbench: {self.partial.name} was interrupted before its first commit; "
+                  "starting again", file=sys.stderr)
+            self.partial.unlink()
+            return settings
         self.start_at = check_resumable(self._old, settings.to_dict(), prompts, self.partial)
         old = _settings_doc(self._old)
         resumed = [*old.get("resumed", []),
