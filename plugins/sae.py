@@ -405,7 +405,8 @@ def sae_identity(run: Run, spec: str) -> dict[str, Any]:
             f = where / name
             digest.update(f.read_bytes() if f.is_file() else b"")
         return {"sae": f"folder sha256 {digest.hexdigest()[:16]}"}
-    return {"sae": f"result {where.meta.get('key')} {where.meta.get('created')}"}
+    return {"sae": f"result {where.meta.get('key')} {where.meta.get('created')} "
+                   f"{where.path.stat().st_mtime_ns}"}
 
 
 def find_sae(run: Run, spec: str) -> tuple[SAE, str]:

@@ -179,7 +179,13 @@ def list_results(run: Run) -> list[StoredResult]:
             out.append(load(path))
         except UserError:
             continue
-    out.sort(key=lambda r: (str(r.meta.get("created", "")), r.path.name), reverse=True)
+    def written(r: StoredResult) -> int:  # ``created`` has whole seconds; the file's time breaks ties
+        try:
+            return r.path.stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    out.sort(key=lambda r: (str(r.meta.get("created", "")), written(r), r.path.name), reverse=True)
     return out
 
 
