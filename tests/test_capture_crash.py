@@ -341,3 +341,16 @@ def test_sigterm_and_sighup_stop_a_capture_as_ctrl_c_does(tmp_path, reference, t
     with workbench.open_run(out) as run:
         assert run.status == "complete" and len(run) == len(ref)
         assert_prompts_equal(run, ref, range(len(ref)))
+
+
+def test_an_unopenable_partial_is_kept_aside_and_the_capture_starts_again(tmp_path, reference, tiny_models):
+    prompts_file, ref = reference
+    out = tmp_path / "run.h5"
+    (tmp_path / "run.h5.partial").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)  # a torn header
+    workbench.capture(tiny_models["tiny-llama"], prompts_file, hooks=HOOKS, out=out, batch_size=BATCH,
+                      resume=True, progress=False)
+    [aside] = [p for p in tmp_path.iterdir() if ".unreadable-" in p.name]
+    assert aside.read_bytes().startswith(b"\x89HDF")
+    with workbench.open_run(out) as run:
+        assert run.status == "complete" and len(run) == len(ref)
+        assert_prompts_equal(run, ref, range(len(ref)))

@@ -254,12 +254,15 @@ class RunTransaction:
 
         try:
             self._old = h5py.File(self.partial, "r", swmr=True)
-        except OSError:
-            # Killed before its switch to SWMR mode, which comes before the first commit: nothing
-            # in it was committed (HDF5 may not even open it). Start again in its place.
-            print(f"workbench: {self.partial.name} was interrupted before its first commit; "
+        except (OSError, RuntimeError) as exc:  # h5py raises either, by the kind of damage
+            # Killed before its switch to SWMR mode, which comes before the first commit, HDF5
+            # cannot open it: nothing in it was committed. Kept aside all the same (a file
+            # damaged otherwise is never deleted), and the capture starts again in its place.
+            aside = self.partial.with_name(f"{self.partial.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(self.partial, aside)
+            print(f"workbench: {self.partial.name} cannot be opened to resume ({str(exc).splitlines()[0]}); "
+                  f"it was interrupted before its first commit or is damaged: kept as {aside.name}, "
                   "starting again", file=sys.stderr)
-            self.partial.unlink()
             return settings
         self.start_at = check_resumable(self._old, settings.to_dict(), prompts, self.partial)
         old = _settings_doc(self._old)
