@@ -38,7 +38,7 @@ import numpy as np
 from workbench_plugins.intervene import Edit, Intervener, Row
 from workbench_plugins.intervention_setup import input_tokens, make_metric, parse_prompts
 from workbench_plugins.interventions import TARGET_PARAMS, generate
-from workbench_plugins.sae import find_sae, sae_identity
+from workbench_plugins.sae import SAE_PARAM, find_sae, sae_identity
 from workbench_plugins.sae_data import SKIP_CHOICES
 from workbench_plugins.sae_format import SAE
 
@@ -315,8 +315,7 @@ FEATURE_INTERVENTION = Analysis(
     families=("decoder",),
     auto=False,
     params=(
-        Param("sae", str, "", "the SAE: empty (newest trained on this run), a hook name, a result key, "
-              "or a SAELens folder"),
+        SAE_PARAM,
         Param("feature", int, -1, "the feature to intervene on (required)"),
         Param("mode", str, "ablate", "ablate (remove a_f·d_f where it fires), clamp (set the activation to "
               "value), steer (add alpha x the unit decoder direction)", choices=MODES),

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from workbench_plugins import sae_data
-from workbench_plugins.sae import device_of, find_sae, sae_identity
+from workbench_plugins.sae import SAE_PARAM, device_of, find_sae, sae_identity
 from workbench_plugins.sae_format import SAE
 
 from workbench import hookimpl
@@ -239,8 +239,7 @@ FEATURES = Analysis(
     compute=compute_features, auto=False, may_use_model=True,
     inputs=lambda run, p: sae_identity(run, p["sae"]),
     params=(
-        Param("sae", str, "", "the SAE: empty (newest trained on this run), a hook name, a result key, "
-              "or a SAELens folder"),
+        SAE_PARAM,
         Param("hook", str, "", "the hook to encode (default: the SAE's metadata.hook_name)"),
         Param("top", int, 20, "top activating contexts kept per feature", min=1, max=1000),
         Param("logits", int, 10, "promoted and suppressed tokens per feature (0: skip the model)", min=0, max=100),

@@ -306,7 +306,7 @@ def compute_sae(ctx: AnalysisContext) -> Result:
         "prompts": {"train": len(sel.train), "heldout": len(sel.heldout)},
         "tokens": {"train_available": n_train, "trained": record["tokens"], "heldout": held.get("tokens", 0)},
         "skipped": {"first_position": sel.skip_first, "special_tokens": sel.skip_special,
-                    "norm_above": sel.max_norm, "sink_ratio": sae_data.sink_ratio(run, sel)},
+                    "norm_above": sel.max_norm, "sink_ratio": sel.sink_ratio},
         "buffer": {"tokens": buffer, "mb": round(buffer * sel.d_in * 4 / 1e6, 2), "block_tokens": block_tokens},
         "training": {k: v for k, v in record.items() if k != "curve"} | {"dead_tokens": dead_tokens,
                                                                           "auxk": p["auxk"], "batch": p["batch"]},
@@ -415,6 +415,11 @@ def find_sae(run: Run, spec: str) -> tuple[SAE, str]:
     if isinstance(where, Path):
         return load_folder(where), str(where)
     return stored_sae(where), f"sae result {where.meta.get('key')} ({where.data.get('hook')})"
+
+
+SAE_PARAM = Param("sae", str, "", "the SAE: empty (newest trained on this run), a hook name, a result key, "
+                  "or a SAELens folder")
+"""How analyses that use an SAE name it (:func:`find_sae`; :func:`sae_identity` keys their results)."""
 
 
 SAE_ANALYSIS = Analysis(

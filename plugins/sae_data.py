@@ -5,8 +5,9 @@ whatever the run's size.
 Positions that poison dictionaries are left out (``skip=auto``): a decoder's first position (BOS,
 or the attention sink whose residual norm is ~100x the rest on SmolLM2, which would own the
 dictionary's loss), special tokens anywhere, and rows whose norm is :data:`OUTLIER_RATIO` times the
-median (a sink that is not at position 0). ``sink_ratio`` measures the first position's median
-norm against the others' on a sample of prompts, so the result says how big the skipped sink was.
+median (a sink that is not at position 0). ``Selection.sink_ratio`` measures the first position's
+median norm against the others' on the same sample of prompts, so the result says how big the
+skipped sink was.
 
 Nothing here imports torch.
 """
@@ -46,6 +47,9 @@ class Selection:
     special_at: dict[int, np.ndarray] = field(default_factory=dict)
     """Positions of special tokens, for the prompts that have any (when they are skipped)."""
     stream: str = "main"
+    sink_ratio: float | None = None
+    """Median norm of the first position over the median of the others, on the sample
+    :func:`select` measured (None where prompts have no second position)."""
     max_norm: float | None = None
     """Rows with a larger norm are left out too (``skip=auto``: :data:`OUTLIER_RATIO` times the
     median norm of the rows after the first position): a sink that is not at position 0."""
@@ -111,28 +115,18 @@ def select(run: Run, hook: str, prompts: range, holdout: float, skip: str, seed:
     sel = Selection(hook=spec.name, d_in=int(spec.feature_shape[0]), train=train, heldout=heldout,
                     skip_first=skip in ("first",) or (skip == "auto" and decoder),
                     skip_special=skip_special, lengths=lengths, special_at=special_at, stream=stream)
-    if skip == "auto":
-        norms = [np.linalg.norm(run.activation(sel.hook, int(i)).astype(np.float64)[1:], axis=-1)
-                 for i in list(prompts)[:: max(1, len(prompts) // 64)][:64]]
-        flat = np.concatenate(norms) if norms else np.zeros(0)
-        if len(flat) and np.median(flat) > 0:
-            sel.max_norm = float(OUTLIER_RATIO * np.median(flat))
+    # One sample of up to 64 prompts, spread over the run, measures both the first position
+    # against the rest (``sink_ratio``) and, for ``auto``, the norm beyond which rows are left out.
+    norms = [np.linalg.norm(run.activation(sel.hook, int(i)).astype(np.float64), axis=-1)
+             for i in list(prompts)[:: max(1, len(prompts) // 64)][:64]]
+    firsts = [n[0] for n in norms if len(n) > 1]
+    rest = np.concatenate([n[1:] for n in norms]) if norms else np.zeros(0)
+    median = float(np.median(rest)) if len(rest) else 0.0
+    if median > 0:
+        sel.sink_ratio = float(np.median(firsts)) / median if firsts else None
+        if skip == "auto":
+            sel.max_norm = OUTLIER_RATIO * median
     return sel
-
-
-def sink_ratio(run: Run, sel: Selection, sample: int = 64) -> float | None:
-    """Median norm of the first position over the median of the others, on up to ``sample``
-    prompts (None where there is no second position)."""
-    firsts, rest = [], []
-    for i in (sel.train + sel.heldout)[:sample]:
-        rows = run.activation(sel.hook, i)
-        norms = np.linalg.norm(rows.astype(np.float64), axis=-1)
-        if len(norms) > 1:
-            firsts.append(norms[0])
-            rest.extend(norms[1:].tolist())
-    if not firsts or not rest or np.median(rest) == 0:
-        return None
-    return float(np.median(firsts) / np.median(rest))
 
 
 def blocks(sel: Selection, prompts: list[int], block_tokens: int) -> list[list[int]]:
