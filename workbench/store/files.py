@@ -72,6 +72,26 @@ def open_readonly(path: Path, swmr: bool, wait: float = 5.0) -> h5py.File:
         delay = min(0.2, delay * 2)
 
 
+def opened_twice(f: h5py.File) -> bool:
+    """Whether this process also has the file behind ``f`` open as a SWMR reader (as
+    ``NAME.h5.partial``, followed while its capture wrote it and then renamed). HDF5 then shares
+    one open file between the two handles, with the reader's cached dataset extents, which each
+    dataset of ``f`` must refresh. (Two plain handles share nothing stale, and refreshing there
+    upsets the other handle's reads, so only a SWMR reader counts.)"""
+    import h5py
+
+    try:
+        mine = os.fstat(f.id.get_vfd_handle())
+        others = [i for i in h5py.h5f.get_obj_ids(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE) if i.id != f.id.id]
+        for fid in others:
+            st = os.fstat(fid.get_vfd_handle())
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino) and fid.get_intent() & h5py.h5f.ACC_SWMR_READ:
+                return True
+    except (OSError, AttributeError, TypeError, ValueError):
+        return False
+    return False
+
+
 def disk_full(exc: BaseException | None) -> bool:
     """Whether ``exc`` says the disk is full (h5py's errors carry the errno only in their text)."""
     return isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "[Errno 28]" in str(exc)

@@ -8,7 +8,6 @@ Every accessor reads only the slice it needs.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections.abc import Callable
 from functools import cached_property
@@ -19,9 +18,10 @@ import h5py
 import numpy as np
 
 from workbench.errors import UserError
+from workbench.store import guard, shards
 from workbench.store import schema as S
-from workbench.store import shards
-from workbench.store.files import final_name, lock_path, open_readonly, partial_path, writer_alive
+from workbench.store.files import final_name, lock_path, open_readonly, opened_twice, partial_path, writer_alive
+from workbench.store.hook_reads import HookReads
 from workbench.store.live_shards import LiveShards
 from workbench.store.settings import NewerSettings, RunSettings
 from workbench.store.tokens_display import DisplayToken, TokenTable, show_tokens
@@ -29,14 +29,17 @@ from workbench.store.tokens_display import DisplayToken, TokenTable, show_tokens
 __all__ = ["Run", "lock_path", "open_run", "partial_path", "read_ragged", "writer_alive"]
 
 
-def read_ragged(get: Callable[[str], h5py.Dataset], name: str, i: int) -> bytes:
+def read_ragged(get: Callable[[str], h5py.Dataset], name: str, i: int, path: Path | str = "",
+                file_bytes: Callable[[], int] | None = None) -> bytes:
     """Entry ``i`` of a ragged byte field (``prompts/text``, ``prompts/id``, ``prompts/meta``);
-    ``get`` returns a dataset by name (``h5py.File.__getitem__``, or a run's refreshed handles)."""
-    start, end = get(S.offsets_name(name))[i : i + 2]
-    return bytes(get(name)[start:end])
+    ``get`` returns a dataset by name (``h5py.File.__getitem__``, or a run's refreshed handles).
+    Offsets that decrease or point past the data are damage (:mod:`~workbench.store.guard`)."""
+    oname, data = S.offsets_name(name), get(name)
+    start, end = guard.offsets(path, oname, guard.read(path, oname, get(oname), i, i + 2), 2, data.shape[0])
+    return bytes(guard.read(path, name, data, int(start), int(end), file_bytes))
 
 
-class Run:
+class Run(HookReads):
     """A captured run. Use :func:`open_run`."""
 
     def __init__(self, path: Path, *, live_shards: bool = False) -> None:
@@ -64,6 +67,7 @@ class Run:
                     f"{S.SCHEMA_VERSION} (upgrade workbench)"
                 )
             self._datasets: dict[str, h5py.Dataset] = {}
+            self._shared = not live_shards and opened_twice(self.f)
             self._direct: shards.DirectReads | None = None  # a sharded index's unit files
             self._stale: set[str] = set()
             self._stream_offsets: dict[str, np.ndarray] = {}
@@ -78,7 +82,7 @@ class Run:
             """A sharded run's unit files (``file``, ``unit``, ``first_prompt``, ``prompts``), each
             checked when the run is opened (:func:`~workbench.store.shards.check_shards`); empty
             for a run in one file."""
-            if shards.META_SHARDS in self.f:
+            if self._has(shards.META_SHARDS):
                 opened: dict[str, Any] = {}
                 self._direct = shards.DirectReads(path, opened)  # closes them with the run
                 self.shards = shards.check_shards(path, self.f, self.capture_settings.run_id, opened)
@@ -103,7 +107,11 @@ class Run:
         """A dataset handle, refreshed (SWMR) if :meth:`refresh` was called since its last use."""
         ds = self._datasets.get(name)
         if ds is None:
-            ds = self.f[name]
+            ds = guard.dataset(self.path, self.f, name)
+            if name.startswith(S.ACTS + "/") and name[len(S.ACTS) + 1 :] in self.hooks:
+                guard.check_hook_dataset(self.path, self.hooks[name[len(S.ACTS) + 1 :]], ds)
+            if self._shared:
+                ds.refresh()  # another handle's cached extents (files.opened_twice)
             if self._direct is not None:
                 ds = self._direct.wrap(ds)
             self._datasets[name] = ds
@@ -140,13 +148,13 @@ class Run:
 
     # --- run-level metadata -------------------------------------------------------------------
 
-    def _json(self, name: str) -> Any:
-        return json.loads(self.f[name][()].decode("utf-8"))
+    def _json(self, name: str, kind: type = dict) -> Any:
+        return guard.json_doc(self.path, name, guard.dataset(self.path, self.f, name)[()], kind)
 
     @cached_property
     def model_info(self) -> dict[str, Any]:
         """The model's self-description and provenance at capture time."""
-        return self._json(S.META_MODEL)  # type: ignore[no-any-return]
+        return guard.check_model_info(self.path, self._json(S.META_MODEL))
 
     @cached_property
     def settings(self) -> dict[str, Any]:
@@ -169,26 +177,6 @@ class Run:
         """The name the run's model was loaded by (``workbench models``)."""
         return self.capture_settings.model_name
 
-    @cached_property
-    def hooks(self) -> dict[str, S.HookSpec]:
-        """Stored tensors by dataset name."""
-        return {d["name"]: S.HookSpec.from_dict(d) for d in self._json(S.META_HOOKS)}
-
-    @cached_property
-    def aliases(self) -> dict[str, str]:
-        """Every hook name the run answers to -> the stored tensor's name."""
-        out = {}
-        for spec in self.hooks.values():
-            out[spec.name] = spec.name
-            for a in spec.aliases:
-                out[a] = spec.name
-        return out
-
-    @property
-    def hook_names(self) -> list[str]:
-        """Every hook name :meth:`activation` accepts (stored names and their aliases)."""
-        return sorted(self.aliases)
-
     @property
     def run_id(self) -> str:
         """Identifies this capture (kept across ``--resume``); results beside the run record it,
@@ -198,7 +186,10 @@ class Run:
 
     @property
     def planned_prompts(self) -> int:
-        return int(self.f.attrs.get(S.ATTR_PLANNED, 0))
+        try:
+            return int(self.f.attrs.get(S.ATTR_PLANNED, 0))
+        except (TypeError, ValueError):
+            raise guard.damaged(self.path, f"attribute {S.ATTR_PLANNED} is not a number") from None
 
     @property
     def n_prompts(self) -> int:
@@ -206,10 +197,20 @@ class Run:
 
     @property
     def status(self) -> str:
-        """``complete``, ``in progress`` (a writer holds the lock) or ``interrupted``."""
+        """``complete``, ``in progress`` (a writer holds the lock) or ``interrupted``. A run opened
+        while it was written is complete once its capture renamed this very file (then unlocked)."""
         if not self.is_partial:
             return "complete"
-        return "in progress" if writer_alive(self.final_path) else "interrupted"
+        if writer_alive(self.final_path):
+            return "in progress"
+        return "complete" if self._same_file(self.final_path) else "interrupted"
+
+    def _same_file(self, path: Path) -> bool:
+        try:  # a live sharded run has no single file (no .id)
+            mine, other = os.fstat(self.f.id.get_vfd_handle()), path.stat()
+        except (AttributeError, OSError, TypeError, ValueError):
+            return False
+        return (mine.st_dev, mine.st_ino) == (other.st_dev, other.st_ino)
 
     @property
     def storage_dtype(self) -> str:
@@ -218,8 +219,10 @@ class Run:
     @cached_property
     def streams(self) -> tuple[str, ...]:
         """Token streams: ``("tokens",)``, plus ``"dec_tokens"`` for encoder-decoders."""
-        raw = self.f.attrs.get("streams", S.MAIN)
-        return tuple(str(raw).split(","))
+        streams = tuple(str(self.f.attrs.get("streams", S.MAIN)).split(","))
+        if streams not in ((S.MAIN,), (S.MAIN, S.DEC)):
+            raise guard.damaged(self.path, f"unknown token streams {','.join(streams)[:80]!r}")
+        return streams
 
     @property
     def lm_stream(self) -> str:
@@ -228,11 +231,11 @@ class Run:
 
     @property
     def has_lm_outputs(self) -> bool:
-        return f"{self.lm_stream}/{S.LOSS}" in self.f
+        return self._has(f"{self.lm_stream}/{S.LOSS}")
 
     @property
     def has_generation(self) -> bool:
-        return f"{self.lm_stream}/{S.GEN_FIELDS[0]}" in self.f
+        return self._has(f"{self.lm_stream}/{S.GEN_FIELDS[0]}")
 
     # --- per-prompt --------------------------------------------------------------------------
 
@@ -246,7 +249,10 @@ class Run:
         if cached is None or len(cached) < self._n + 1:
             if stream not in self.streams:
                 raise UserError(f"this run has no {stream!r} stream (streams: {', '.join(self.streams)})")
-            cached = self._stream_offsets[stream] = self._ds(S.stream_offsets(stream))[: self._n + 1]
+            name, n = S.stream_offsets(stream), self._n + 1
+            cached = guard.offsets(self.path, name, self._read(name, 0, n), n,
+                                   self._ds(S.ids_name(stream)).shape[0])
+            self._stream_offsets[stream] = cached
         return cached
 
     @property
@@ -254,7 +260,7 @@ class Run:
         return self._offsets_of(S.MAIN)
 
     def _ragged(self, name: str, i: int) -> bytes:
-        return read_ragged(self._ds, name, self._check(i))
+        return read_ragged(self._ds, name, self._check(i), self.path, self.size_bytes)
 
     def _token_range(self, i: int, stream: str = S.MAIN) -> tuple[int, int]:
         i = self._check(i)
@@ -271,26 +277,28 @@ class Run:
         stop = min(stop, self._n)
         if start >= stop:
             return []
-        offsets = self._ds(S.offsets_name(S.PROMPT_TEXT))[start : stop + 1]
-        blob = self._ds(S.PROMPT_TEXT)[int(offsets[0]) : int(offsets[-1])].tobytes()
+        name, text = S.offsets_name(S.PROMPT_TEXT), self._ds(S.PROMPT_TEXT)
+        offsets = guard.offsets(self.path, name, self._read(name, start, stop + 1),
+                                stop - start + 1, text.shape[0])
+        blob = self._read(S.PROMPT_TEXT, int(offsets[0]), int(offsets[-1])).tobytes()
         base = int(offsets[0])
-        return [blob[int(a) - base : int(b) - base].decode("utf-8")
+        return [guard.text(self.path, S.PROMPT_TEXT, blob[int(a) - base : int(b) - base])
                 for a, b in itertools.pairwise(offsets)]
 
     @property
     def prompt_ids(self) -> list[str]:
-        return [self._ragged(S.PROMPT_ID, i).decode("utf-8") for i in range(self._n)]
+        return [self.prompt_id(i) for i in range(self._n)]
 
     def prompt(self, i: int) -> str:
-        return self._ragged(S.PROMPT_TEXT, i).decode("utf-8")
+        return guard.text(self.path, S.PROMPT_TEXT, self._ragged(S.PROMPT_TEXT, i))
 
     def prompt_id(self, i: int) -> str:
-        return self._ragged(S.PROMPT_ID, i).decode("utf-8")
+        return guard.text(self.path, S.PROMPT_ID, self._ragged(S.PROMPT_ID, i))
 
     def metadata(self, i: int) -> dict[str, Any]:
         """The prompt's metadata (JSONL fields beyond ``prompt`` and ``id``: ``answer``, ``wrong``,
         ``corrupted``, anything else)."""
-        return json.loads(self._ragged(S.PROMPT_META, i).decode("utf-8"))  # type: ignore[no-any-return]
+        return guard.json_doc(self.path, S.PROMPT_META, self._ragged(S.PROMPT_META, i), dict)  # type: ignore[no-any-return]
 
     def n_tokens(self, i: int, stream: str = S.MAIN) -> int:
         start, end = self._token_range(i, stream)
@@ -300,22 +308,23 @@ class Run:
         """Token ids, ``(seq,)`` int32, as the model saw them (BOS included if the policy added it).
         ``stream="dec_tokens"``: an encoder-decoder's decoder input."""
         start, end = self._token_range(i, stream)
-        return self._ds(S.ids_name(stream))[start:end]
+        return self._read(S.ids_name(stream), start, end, "iu")
 
     def str_tokens(self, i: int, stream: str = S.MAIN) -> list[str]:
         """Each token decoded on its own (TransformerLens' ``to_str_tokens``)."""
         start, end = self._token_range(i, stream)
-        ends = self._ds(S.offsets_name(S.str_name(stream)))[start : end + 1]
-        blob = bytes(self._ds(S.str_name(stream))[ends[0] : ends[-1]])
+        name, strs = S.offsets_name(S.str_name(stream)), self._ds(S.str_name(stream))
+        ends = guard.offsets(self.path, name, self._read(name, start, end + 1), end - start + 1, strs.shape[0])
+        blob = bytes(self._read(S.str_name(stream), int(ends[0]), int(ends[-1])))
         base = int(ends[0])
-        return [blob[a - base : b - base].decode("utf-8", errors="surrogatepass")
+        return [guard.text(self.path, S.str_name(stream), blob[a - base : b - base])
                 for a, b in itertools.pairwise(ends)]
 
     def _lm(self, name: str, i: int) -> np.ndarray:
         if not self.has_lm_outputs:
             raise UserError("this run has no loss or predictions: its model has no trained LM head")
         start, end = self._token_range(i, self.lm_stream)
-        return self._ds(f"{self.lm_stream}/{name}")[start:end]
+        return self._read(f"{self.lm_stream}/{name}", start, end, "fiu")
 
     @property
     def lm_target(self) -> str:
@@ -341,7 +350,8 @@ class Run:
 
     def n_input_tokens(self, i: int) -> int:
         """Tokens of the LM stream that came from the prompt; the rest were generated."""
-        return int(self._ds(S.N_INPUT)[self._check(i)])
+        i = self._check(i)
+        return int(self._read(S.N_INPUT, i, i + 1, "iu")[0])
 
     def generation(self, i: int) -> dict[str, np.ndarray]:
         """Per token of a generated run: the sampling distribution's entropy (nats) and the chosen
@@ -350,12 +360,12 @@ class Run:
         if not self.has_generation:
             raise UserError("this run holds no generated tokens (capture with --generate N)")
         start, end = self._token_range(i, self.lm_stream)
-        return {f: self._ds(f"{self.lm_stream}/{f}")[start:end] for f in S.GEN_FIELDS}
+        return {f: self._read(f"{self.lm_stream}/{f}", start, end, "fiu") for f in S.GEN_FIELDS}
 
     @property
     def has_vocab(self) -> bool:
         """Whether the run stores its tokenizer's vocabulary (runs captured since 0.1.0 do)."""
-        return S.VOCAB in self.f
+        return self._has(S.VOCAB)
 
     def token_strings(self, ids: Any) -> list[str]:
         """Token ids as text, each decoded on its own like :meth:`str_tokens`, from the run's
@@ -364,12 +374,15 @@ class Run:
             if not self.has_vocab:
                 self._vocab = (np.zeros(1, np.int64), b"")
             else:
-                self._vocab = (self.f[S.VOCAB_OFFSETS][:], self.f[S.VOCAB][:].tobytes())
+                blob = self._read(S.VOCAB, 0, self._ds(S.VOCAB).shape[0]).tobytes()
+                n = self._ds(S.VOCAB_OFFSETS).shape[0]
+                self._vocab = (guard.offsets(self.path, S.VOCAB_OFFSETS, self._read(S.VOCAB_OFFSETS, 0, n),
+                                             n, len(blob)), blob)
         offsets, blob = self._vocab
         out = []
         for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
             if 0 <= i < len(offsets) - 1:
-                out.append(blob[offsets[i] : offsets[i + 1]].decode("utf-8", errors="surrogatepass"))
+                out.append(guard.text(self.path, S.VOCAB, blob[offsets[i] : offsets[i + 1]]))
             else:
                 out.append(f"#{i}")
         return out
@@ -378,7 +391,14 @@ class Run:
     def token_table(self) -> TokenTable | None:
         """Each vocabulary entry's raw bytes and the special tokens (``vocab/bytes``), which
         :meth:`display_tokens` shows tokens with; ``None`` for a run written before they were."""
-        return TokenTable.read(self.f)
+        if not self._has(S.VOCAB_BYTES):
+            return None
+        blob = self._read(S.VOCAB_BYTES, 0, self._ds(S.VOCAB_BYTES).shape[0]).tobytes()
+        n = self._ds(S.VOCAB_BYTES_OFFSETS).shape[0]
+        offsets = guard.offsets(self.path, S.VOCAB_BYTES_OFFSETS, self._read(S.VOCAB_BYTES_OFFSETS, 0, n), n, len(blob))
+        special = (self._read(S.VOCAB_SPECIAL, 0, self._ds(S.VOCAB_SPECIAL).shape[0], "iu").tolist()
+                   if self._has(S.VOCAB_SPECIAL) else ())
+        return TokenTable(blob, offsets, special)
 
     def display_tokens(self, i: int, stream: str = S.MAIN) -> list[DisplayToken]:
         """Prompt ``i``'s tokens as the UI and the command line show them: byte-level pieces as
@@ -391,83 +411,26 @@ class Run:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         return show_tokens(ids, self.token_strings(ids), self.token_table, sequence=False)
 
-    def resolve(self, hook: str) -> S.HookSpec:
-        name = self.aliases.get(hook)
-        if name is None:
-            import difflib
+    def _has(self, name: str) -> bool:
+        """Whether the run holds ``name``; damaged metadata on the way is damage, not a KeyError."""
+        try:
+            return name in self.f
+        except (KeyError, OSError) as exc:
+            raise guard.damaged(self.path, f"{name}: {str(exc).strip(chr(39)).splitlines()[0]}") from None
 
-            close = difflib.get_close_matches(hook, self.hook_names, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UserError(f"hook {hook!r} was not captured in this run{hint}")
-        return self.hooks[name]
-
-    def axes(self, hook: str) -> tuple[str, ...]:
-        """Names of the axes of :meth:`activation`'s result for ``hook``."""
-        return self.resolve(hook).axes
-
-    def activation(self, hook: str, i: int) -> np.ndarray:
-        """The stored activation of ``hook`` for prompt ``i``, shaped like TransformerLens' cache
-        entry without the batch dimension: ``(seq, d_model)``, ``(seq, heads, d_head)``,
-        ``(heads, q, k)``, ... float32 for bfloat16 runs; float16 runs stay float16."""
-        spec = self.resolve(hook)
-        ds = self._ds(f"{S.ACTS}/{spec.name}")
-        if spec.layout == "square":
-            i = self._check(i)
-            start, end = self._ds(f"{S.ACTS_OFFSETS}/{spec.name}")[i : i + 2]
-            q, k = spec.square_streams()
-            values = ds[start:end].reshape(spec.feature_shape[0], self.n_tokens(i, q), self.n_tokens(i, k))
-        else:
-            start, end = self._token_range(i, spec.stream_of_rows())
-            values = ds[start:end]
-        return S.decode_values(values, ds.attrs.get("encoding") or None)
-
-    def rows(self, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Every token's row of a per-token hook over prompts ``start`` to ``stop - 1`` (default:
-        all), in prompt order, ``(tokens, *feature)``, in one read: what dictionaries train on."""
-        spec = self.resolve(hook)
-        if spec.layout == "square":
-            raise UserError(f"{hook} is stored per prompt (layout {spec.layout}), not per token")
-        stop = self._n if stop is None else min(stop, self._n)
-        if not 0 <= start <= stop:
-            raise IndexError(f"prompts {start}..{stop} out of range: the run has {self._n}")
-        a, b = (int(x) for x in self._offsets_of(spec.stream_of_rows())[[start, stop]])
-        ds = self._ds(f"{S.ACTS}/{spec.name}")
-        values = np.empty((b - a, *ds.shape[1:]), dtype=ds.dtype) if isinstance(ds, h5py.Dataset) else ds[a:b]
-        if isinstance(ds, h5py.Dataset) and b > a:
-            ds.read_direct(values, np.s_[a:b])  # straight into the result, no second copy
-        return S.decode_values(values, ds.attrs.get("encoding") or None)
-
-    def attention_row(self, hook: str, i: int, q: int) -> np.ndarray:
-        """Row ``q`` of every head of a stored attention pattern (or any square-layout tensor) of
-        prompt ``i``: ``activation(hook, i)[:, q, :]``, ``(heads, k)``, reading only that row."""
-        spec = self.resolve(hook)
-        if spec.layout != "square":
-            raise UserError(f"{hook} is not an attention pattern (layout {spec.layout})")
-        i = self._check(i)
-        qs, ks = spec.square_streams()
-        nq, nk = self.n_tokens(i, qs), self.n_tokens(i, ks)
-        if not 0 <= q < nq:
-            raise UserError(f"query position {q} is out of range (prompt {i} has {nq} query tokens)")
-        ds = self._ds(f"{S.ACTS}/{spec.name}")
-        start = int(self._ds(f"{S.ACTS_OFFSETS}/{spec.name}")[i])
-        rows = [ds[start + (h * nq + q) * nk : start + (h * nq + q + 1) * nk] for h in range(spec.feature_shape[0])]
-        return S.decode_values(np.stack(rows), ds.attrs.get("encoding") or None)
-
-    def axis_tokens(self, hook: str, i: int) -> list[list[str] | None]:
-        """For each axis of :meth:`activation`'s result, the tokens indexing it (``None`` for
-        non-positional axes): e.g. cross-attention ``[None, decoder tokens, encoder tokens]``."""
-        spec = self.resolve(hook)
-        if spec.layout == "square":
-            q, k = spec.square_streams()
-            return [None, self.str_tokens(i, q), self.str_tokens(i, k)]
-        return [self.str_tokens(i, spec.stream_of_rows())] + [None] * len(spec.feature_shape)
+    def _read(self, name: str, start: int, end: int, kinds: str = "") -> np.ndarray:
+        """Rows ``start:end`` of dataset ``name``, checked (:func:`workbench.store.guard.read`)."""
+        ds = self._ds(name)
+        if kinds and ds.dtype.kind not in kinds:
+            raise guard.damaged(self.path, f"{name} holds {ds.dtype}")
+        return guard.read(self.path, name, ds, start, end, self.size_bytes)
 
     def size_bytes(self) -> int:
         """Bytes on disk: the file, and a sharded run's unit files."""
         if isinstance(self.f, LiveShards):
             return self.f.size_bytes()
-        return self.path.stat().st_size + sum((self.path.parent / e["file"]).stat().st_size
-                                              for e in self.shards)
+        units = sum((self.path.parent / e["file"]).stat().st_size for e in self.shards)
+        return os.fstat(self.f.id.get_vfd_handle()).st_size + units  # still there once renamed
 
     def n_tokens_total(self, stream: str = S.MAIN) -> int:
         return int(self._offsets_of(stream)[-1]) if self._n else 0

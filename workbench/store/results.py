@@ -114,9 +114,12 @@ class StoredResult:
         if self._arrays is None:
             import h5py
 
-            with h5py.File(self.path, "r") as f:
-                group = f.get("arrays")
-                self._arrays = {k: group[k][()] for k in group} if group is not None else {}
+            try:
+                with h5py.File(self.path, "r") as f:
+                    group = f.get("arrays")
+                    self._arrays = {k: _array(group[k], self.path) for k in group} if group is not None else {}
+            except (OSError, KeyError, ValueError, TypeError) as exc:
+                raise UserError(f"{self.path} is a damaged analysis result ({exc})") from None
         return self._arrays
 
     def computed_on(self, run: Run) -> bool:
@@ -142,6 +145,15 @@ class StoredResult:
         return out
 
 
+def _array(ds: Any, path: Path) -> np.ndarray:
+    """A stored array, refused if it claims more than gzip could have packed into the file (a
+    damaged or hostile shape must not allocate terabytes)."""
+    limit = 1100 * path.stat().st_size + (1 << 20)  # deflate's best ratio is ~1032:1
+    if getattr(ds, "size", 0) * ds.dtype.itemsize > limit:
+        raise ValueError(f"array {ds.name} claims {ds.shape} of {ds.dtype}")
+    return ds[()]  # type: ignore[no-any-return]
+
+
 def _read_json(f: Any, name: str) -> Any:
     raw = f[name][()]
     return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
@@ -157,7 +169,11 @@ def load(path: Path) -> StoredResult:
                 raise UserError(f"{path} is not a workbench analysis result")
             if int(f.attrs.get("format", 0)) > FORMAT:
                 raise UserError(f"{path} uses result format {f.attrs.get('format')}; upgrade workbench")
-            return StoredResult(path=path, meta=_read_json(f, "meta"), data=_read_json(f, "data"))
+            meta, data = _read_json(f, "meta"), _read_json(f, "data")
+            if not (isinstance(meta, dict) and isinstance(data, dict) and isinstance(meta.get("params", {}), dict)
+                    and all(isinstance(meta.get(k), str) for k in ("analysis", "version"))):
+                raise ValueError("its meta or data is not what a result holds")
+            return StoredResult(path=path, meta=meta, data=data)
     except FileNotFoundError:
         raise UserError(f"no such result: {path}") from None
     except (OSError, KeyError, ValueError) as exc:
@@ -233,6 +249,26 @@ def check_storable(result: Result) -> None:
             raise TypeError(f"array {name!r} has dtype object; use numbers or fixed-width strings")
 
 
+def sweep_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporaries of result writes whose process is gone (``.NAME.PID-XXXX.tmp``: a
+    write killed by SIGKILL or a power cut leaves one; nothing ever reads it). Returns them."""
+    gone = []
+    for tmp in folder.glob(".*.tmp"):
+        m = re.search(r"\.(\d+)-[0-9a-f]+\.tmp$", tmp.name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # its writer is alive
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        tmp.unlink(missing_ok=True)
+        gone.append(tmp)
+    return gone
+
+
 def save(run: Run, name: str, version: str, params: dict[str, Any], key: str, result: Result, *,
          plugin: str = "", n_prompts: int, seconds: float, error: str | None = None,
          traceback_text: str | None = None) -> StoredResult:
@@ -248,6 +284,7 @@ def save(run: Run, name: str, version: str, params: dict[str, Any], key: str, re
         "seconds": round(seconds, 6), "workbench": __version__,
     }
     final = folder / _file_name(name, version, key)
+    sweep_temporaries(folder)
     tmp = folder / f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
     try:
         import h5py

@@ -37,7 +37,7 @@ from workbench.tui.live import LivePrompts
 from workbench.tui.messages import ShowAttentionHead
 from workbench.tui.results import ResultsPanel
 from workbench.tui.screens import AnalysisPicker, HelpScreen, SearchScreen
-from workbench.tui.state import Focus
+from workbench.tui.state import Focus, shows_damage
 from workbench.tui.widgets import (
     AttentionView,
     InfoLine,
@@ -175,6 +175,7 @@ class WorkbenchApp(LivePrompts, App[None]):
 
     # --- state ---------------------------------------------------------------------------------
 
+    @shows_damage
     def load_run(self, run: Run, prompt: int = 0) -> None:
         self.active_run = run
         f = self.focus_state
@@ -233,6 +234,7 @@ class WorkbenchApp(LivePrompts, App[None]):
     def view_widget(self, name: str | None = None) -> Any:
         return self.query_one(f"#view-{name or self.active_view()}")
 
+    @shows_damage
     def refresh_views(self) -> None:
         """Redraw the token strip and the view on screen (the others redraw when shown)."""
         run, f = self.active_run, self.focus_state
@@ -291,6 +293,7 @@ class WorkbenchApp(LivePrompts, App[None]):
 
     # --- live runs -----------------------------------------------------------------------------
 
+    @shows_damage
     def poll(self) -> None:
         """Pick up prompts a capture committed since the last look; a run whose capture has
         finished is reopened under its final name."""
@@ -301,10 +304,11 @@ class WorkbenchApp(LivePrompts, App[None]):
 
         # finished: a partial file renamed, or a sharded capture's index written
         if run.final_path.exists() and (run.path == run.final_path or not run.path.exists()):
-            fresh = open_run(run.final_path)
-            self.runs[self.runs.index(run)] = fresh
+            # Closed first: HDF5 shares a file opened twice in one process, and the new handle
+            # would read the SWMR reader's stale extents (prompts listed short, IndexErrors).
+            k = self.runs.index(run)
             run.close()
-            self.active_run = run = fresh
+            self.runs[k] = self.active_run = run = open_run(run.final_path)
         before = self._listed
         self._listed = run.refresh()
         self._fill_page()

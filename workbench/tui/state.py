@@ -3,15 +3,40 @@ the app changes it."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from workbench.errors import UserError
 from workbench.store.files import final_name
 
 if TYPE_CHECKING:
     from workbench.store.reader import Run
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def shows_damage(method: F) -> F:
+    """Wrap a method of the app or of a widget that reads a run: a :class:`UserError` it raises (a
+    damaged run: an offset past its data, a missing part; docs/store.md) is shown as an error
+    notice and the session goes on. (Textual ends the app on any exception a handler raises, and
+    a message pump that raised stops, so the error is caught here, where it happens.) The same
+    notice is not repeated: a live run is polled several times a second."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except UserError as exc:
+            app = getattr(self, "app", self)
+            if getattr(app, "_last_damage", None) != str(exc):
+                app._last_damage = str(exc)
+                app.notify(str(exc), title="cannot show this", severity="error", timeout=15)
+            return None
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass

@@ -19,6 +19,7 @@ from textual.widgets import Static
 
 from workbench.hooknames import part_of
 from workbench.tui import render as R
+from workbench.tui.state import shows_damage
 
 if TYPE_CHECKING:
     from workbench.store.reader import Run
@@ -49,6 +50,7 @@ class RunView(Static):
         self.run, self.focus_state = run, focus
         self.redraw()
 
+    @shows_damage
     def redraw(self) -> None:
         if self.run is None or self.focus_state is None or len(self.run) == 0:
             self.update(Text("no prompts committed yet", style="dim"))
@@ -87,6 +89,7 @@ class TokenStrip(Static):
         if getattr(self, "run", None) is not None:
             self.redraw()
 
+    @shows_damage
     def redraw(self) -> None:
         run, focus = self.run, self.focus_state
         if run is None or len(run) == 0:
@@ -136,6 +139,7 @@ class InfoLine(Static):
 
     DEFAULT_CSS = "InfoLine { height: 1; padding: 0 1; color: $text-muted; }"
 
+    @shows_damage
     def show(self, run: Run, focus: Focus) -> None:
         if len(run) == 0:
             self.update("")
