@@ -10,11 +10,18 @@ Safety:
 - ``manifest.json`` records every file's size and SHA-256. A load checks the sizes first and the
   checksums in a thread while the model loads; any mismatch (truncation, bit rot, a missing file)
   discards the entry and converts again. A damaged entry is never used.
+- The converting process holds an exclusive flock on its temporary folder; the kernel releases it
+  when the process dies, even by SIGKILL. Before converting, ``sweep_stale`` removes the temporary
+  folders nobody holds any more (and discarded entries), so killed conversions do not pile up.
+- Two processes may convert the same model at once: the first rename wins; the loser checks the
+  winner's entry (sizes and checksums) and drops its own copy, or replaces a damaged one.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -149,8 +156,8 @@ def _save_entry(
     from safetensors.torch import save_model
 
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    sweep_stale()
+    tmp, lock = _staging_folder(entry)
     try:
         # save_model drops the tied copy of shared tensors (SmolLM2, Gemma tie their embeddings);
         # from_pretrained ties them again from the config.
@@ -177,17 +184,93 @@ def _save_entry(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         fsync_dir(tmp)
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if (entry / MANIFEST).exists():  # another process finished the same conversion first
-                shutil.rmtree(tmp, ignore_errors=True)
-                return
-            raise
-        fsync_dir(entry.parent)
+        _publish(tmp, entry)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
+
+
+def _publish(tmp: Path, entry: Path) -> None:
+    """Rename the finished ``tmp`` to ``entry``. If another process converting the same model got
+    there first (the rename fails: ``entry`` exists and is not empty), its entry is verified, sizes
+    and checksums, and used when sound (this process's identical copy is dropped); a damaged one
+    is discarded and replaced by this copy."""
+    for _attempt in range(3):
+        try:
+            os.rename(tmp, entry)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        else:
+            fsync_dir(entry.parent)
+            return
+        try:
+            problem = _verify_checksums(entry, _read_manifest(entry))
+        except (DamagedEntry, OSError) as exc:  # OSError: it vanished while being read
+            problem = str(exc) or type(exc).__name__
+        if problem is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        _discard(entry)
+    raise OSError(f"cannot rename {tmp} to {entry}: another entry keeps taking its place")
+
+
+def _staging_folder(entry: Path) -> tuple[Path, int]:
+    """A new temporary folder beside ``entry`` and a descriptor holding an exclusive flock on it,
+    which tells ``sweep_stale`` that its owner is alive."""
+    while True:
+        tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir()
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without locks: sweep_stale then never takes this folder
+        if tmp.is_dir():
+            return tmp, fd
+        os.close(fd)  # a sweep took it in the instant before the lock: take another name
+
+
+def sweep_stale() -> int:
+    """Remove what interrupted conversions left under ``converted/``: temporary folders
+    (``.NAME.tmp-PID-XXXX``) whose flock no process holds (their converter died: SIGKILL, the
+    OOM killer, a power cut) and discarded entries (``.NAME.trash-…``), which nobody reads. A
+    temporary folder that is locked, or that cannot be locked (a file system without flock), is
+    left alone. Called before every conversion; returns how many folders were removed."""
+    try:
+        folders = list(converted_root().iterdir())
+    except OSError:
+        return 0
+    removed = 0
+    for folder in folders:
+        name = folder.name
+        if not name.startswith(".") or folder.is_symlink() or not folder.is_dir():
+            continue
+        if ".trash-" in name:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+        elif ".tmp-" in name and _remove_if_abandoned(folder):
+            removed += 1
+    return removed
+
+
+def _remove_if_abandoned(folder: Path) -> bool:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False  # its converter is alive (or locks are not supported here)
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(fd)
+    return True
 
 
 def _read_manifest(entry: Path) -> dict[str, Any]:
