@@ -349,3 +349,46 @@ def test_a_result_that_does_not_fit_leaves_nothing_and_keeps_the_old_one(tmp_pat
     folder = old.stored.path.parent
     assert sorted(p.name for p in folder.iterdir()) == [old.stored.path.name]  # no temporary left
     assert old.stored.path.read_bytes() == before
+
+
+def test_an_analysis_killed_while_storing_its_result_leaves_none(tmp_path):
+    """SIGKILL while the result file is written (the moment is arranged: the child's h5py pauses
+    after writing the result's meta, tells the test, and waits to be killed): no result file, so
+    the next ``analyze`` computes it again, and that write removes the dead one's temporary."""
+    import signal
+
+    from workbench.store.synthetic import write_synthetic_run
+
+    path = write_synthetic_run(tmp_path / "r.h5", n_prompts=3)
+    marker = tmp_path / "writing"
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import time, h5py
+real = h5py.Group.create_dataset
+def slow(self, name, *a, **k):
+    if name == "data":
+        open({str(marker)!r}, "w").close()
+        time.sleep(600)
+    return real(self, name, *a, **k)
+h5py.Group.create_dataset = slow
+from workbench.cli import main
+main(["analyze", {str(path)!r}, "next-token"])
+"""], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), "the analysis never reached its result write"
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(timeout=30) == -signal.SIGKILL
+    folder = results_dir(path)
+    [tmp] = folder.iterdir()  # the dead write's temporary, and no result
+    assert tmp.name.startswith(".next-token--") and tmp.name.endswith(".tmp")
+    with workbench.open_run(path) as run:
+        assert list_results(run) == []
+    out = _cli("analyze", str(path), "next-token", env={"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "computed in" in out.stdout
+    [final] = folder.iterdir()
+    assert final.name.startswith("next-token--") and final.suffix == ".h5"
+    with workbench.open_run(path) as run:
+        [r] = list_results(run)
+        assert r.ok and r.analysis == "next-token"

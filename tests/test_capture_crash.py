@@ -315,6 +315,47 @@ def test_a_full_disk_mid_capture_is_one_line_and_resume_completes_the_run(tmp_pa
     assert not (tmp_path / "run.h5.lock").exists()
 
 
+def _mount_tmpfs(folder: Path, size: int) -> bool:
+    """Mount a tmpfs of ``size`` bytes on ``folder`` (root only, where mounts are allowed)."""
+    if os.geteuid() != 0 or not Path("/proc/mounts").exists():
+        return False
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def test_a_really_full_filesystem_mid_capture_then_resume(tmp_path, reference, tiny_models):
+    """The same on a real full filesystem: a tmpfs half the run's size, mounted by the test (as
+    root; skipped where mounts are not allowed), grown after the failure as a user frees space."""
+    prompts_file, ref = reference
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, ref.size_bytes() // 2):
+        pytest.skip("needs root and permission to mount a tmpfs")
+    try:
+        out = small / "run.h5"
+        llama = tiny_models["tiny-llama"]
+        with pytest.raises(UserError, match=r"no space left on .*: \d+ prompts committed in run.h5.partial; "
+                                            "resume with --resume after freeing space") as info:
+            workbench.capture(llama, prompts_file, hooks=HOOKS, out=out, batch_size=BATCH,
+                              commit_seconds=0, progress=False)
+        assert "\n" not in str(info.value)
+        with workbench.open_run(out) as run:
+            n = len(run)
+            assert 0 < n < len(ref) and f" {n} prompts" in str(info.value)
+            assert_prompts_equal(run, ref, range(n))
+        subprocess.run(["mount", "-o", f"remount,size={4 * ref.size_bytes()}", str(small)], check=True)
+        result = workbench.capture(llama, prompts_file, hooks=HOOKS, out=out, batch_size=BATCH,
+                                   resume=True, progress=False)
+        assert result.resumed_from == n
+        with workbench.open_run(out) as run:
+            assert run.status == "complete" and len(run) == len(ref)
+            assert_prompts_equal(run, ref, range(len(ref)))
+        assert sorted(p.name for p in small.iterdir()) == ["run.h5"]
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_stop_a_capture_as_ctrl_c_does(tmp_path, reference, tiny_models, sig):
     """A hang-up (SSH closing) or a polite kill: the finished batches are committed, the command
