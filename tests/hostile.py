@@ -16,8 +16,6 @@ mutations written to files are the regression corpus in ``tests/data/hostile/``.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import random
@@ -290,16 +288,10 @@ def read_everything(path: str) -> None:
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
     """``workbench ARGV`` in this process: exit status and stderr."""
-    from workbench.cli import main
+    from tests.clitools import run_cli as in_process
 
-    err, out = io.StringIO(), io.StringIO()
-    code: Any = 0
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            main(argv)
-        except SystemExit as exc:
-            code = exc.code
-    return (code if isinstance(code, int) else 1), err.getvalue()
+    done = in_process(*argv)
+    return done.returncode, done.stderr
 
 
 def open_in_tui(path: str) -> None:

@@ -15,18 +15,16 @@ import pytest
 import torch
 
 import workbench
+from tests.clitools import run_cli as _cli
 from workbench import Analysis, Param, hookimpl
 from workbench.analysis import missing_inputs
-from workbench.registries import analyze, build_analyses
 from workbench.errors import UserError
+from workbench.registries import analyze, build_analyses
 from workbench.store.results import list_results, results_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=REPO, check=False)
 
 
 def _hf_logits(model, tokens):

@@ -16,14 +16,9 @@ import numpy as np
 import pytest
 from workbench_plugins import attention as A
 
+from tests.clitools import run_cli as _cli
 from tests.widgets import plain
 from workbench.registries import analyze, build_analyses
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True,
-                          check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
 
 # --- hand calculations --------------------------------------------------------------------------
 

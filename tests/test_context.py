@@ -12,9 +12,6 @@ pass).
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from itertools import combinations
 
 import numpy as np
@@ -23,6 +20,7 @@ import torch
 from workbench_plugins import context as C
 
 import workbench
+from tests.clitools import run_cli as _cli
 from tests.widgets import plain
 from workbench.capturing.prompts import Prompt
 from workbench.errors import UserError
@@ -139,9 +137,6 @@ def test_lens_tokens_equal_the_final_norm_and_unembedding_by_hand(ctx_run):
     assert d["output_check"] == {"compared": 5, "agree": 5}
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True,
-                          check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def test_errors_are_one_line(ctx_run):

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from workbench_plugins import directions as D
 
 import workbench
+from tests.clitools import run_cli as _cli
 from tests.widgets import plain
 from workbench.registries import analyze, build_analyses
 from workbench.store.synthetic import write_synthetic_run
@@ -26,9 +24,6 @@ from workbench.store.synthetic import write_synthetic_run
 D_MODEL, N_LAYERS, PLANT_AT, N_PROMPTS = 64, 6, 3, 200
 
 
-def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True,
-                          check=False, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 @pytest.fixture(scope="module")

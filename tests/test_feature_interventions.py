@@ -10,9 +10,6 @@ planted SAE whose decoder row is a token's unembedding must make greedy generati
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,6 +20,7 @@ from workbench_plugins.sae import stored_sae
 from workbench_plugins.sae_format import SAE
 
 import workbench
+from tests.clitools import run_cli as _cli
 from workbench.analysis import AnalysisContext
 from workbench.errors import UserError
 from workbench.registries import analyze, build_analyses
@@ -31,9 +29,6 @@ HOOK = "blocks.0.hook_resid_post"
 NAME = "feature-intervention"
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True,
-                          check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,6 @@ the residual stream's projection, which must rise by exactly alpha at the steere
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,12 +20,8 @@ from workbench_plugins.intervene import Edit, Intervener, Metric, hook_names
 
 import workbench
 from tests import widgets
+from tests.clitools import run_cli as _cli
 from workbench.registries import analyze, build_analyses
-
-
-def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True,
-                          check=False, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def _hooked_metric(model, tokens, metric, edits):

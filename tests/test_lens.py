@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,6 +19,7 @@ from workbench_plugins import lens as L
 from workbench_plugins.readout import Readout, attribute, neuron_terms
 
 import workbench
+from tests.clitools import run_cli as _cli
 from tests.widgets import plain
 from workbench.analysis import missing_inputs
 from workbench.registries import analyze, build_analyses
@@ -33,9 +31,6 @@ PROMPTS = [
 ]
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True,
-                          check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 @pytest.fixture(scope="module")

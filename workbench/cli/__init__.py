@@ -37,6 +37,10 @@ def _plugin_dirs_from_argv(argv: list[str]) -> list[str]:
     return dirs
 
 
+_OWNERS: dict[str, str] = {}
+"""Which plugin added each plugin command (a second ``main()`` in one process adds them again)."""
+
+
 def _add_plugin_commands(group: click.Group) -> None:
     """Let plugins add sub-commands (``register_commands``); a taken name is refused."""
     from workbench.plugins import call_each, plugin_manager, report_of
@@ -50,11 +54,13 @@ def _add_plugin_commands(group: click.Group) -> None:
         if plugin is None:
             return
         for name, cmd in list(group.commands.items()):
-            if name in before and before[name] is not cmd:
+            if name in before and before[name] is not cmd and _OWNERS.get(name) != plugin:
                 group.commands[name] = before[name]
                 report.problem(plugin, f"command {name!r} already exists; not replaced")
-            elif name not in before:
-                report.info(plugin).commands.append(name)
+            elif name not in before or before[name] is not cmd:  # new, or its own again (main() called twice)
+                _OWNERS[name] = plugin
+                if name not in report.info(plugin).commands:
+                    report.info(plugin).commands.append(name)
 
     def kwargs_for(plugin: str) -> dict[str, Any]:
         settle()
