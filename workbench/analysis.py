@@ -325,6 +325,7 @@ class AnalysisContext:
     """How many prompts the run had committed when the analysis started."""
     _model_loader: Callable[[], Model] | None = None
     _progress: Callable[[int, int], None] | None = None
+    _reloader: Callable[[Run], Model] | None = None
 
     @property
     def prompts(self) -> range:
@@ -346,6 +347,15 @@ class AnalysisContext:
             raise RuntimeError(f"analysis {self.analysis.name!r} declared neither needs_model nor "
                                "may_use_model")
         return self._model_loader()
+
+    def model_of(self, other: Run) -> Model:
+        """The model ``other`` (another run this analysis reads, e.g. the second run of a diff)
+        was captured with, reloaded and checked as :meth:`model` is (same device, same registry
+        of models). Only for analyses declared with ``needs_model`` or ``may_use_model``."""
+        if not (self.analysis.needs_model or self.analysis.may_use_model):
+            raise RuntimeError(f"analysis {self.analysis.name!r} declared neither needs_model nor "
+                               "may_use_model")
+        return (self._reloader or reload_model)(other)
 
     def progress(self, done: int, total: int, status: str = "") -> None:
         """Report progress (``done`` of ``total`` units), with an optional one-line ``status``
@@ -452,7 +462,8 @@ def analyze(run: Run, analyses: list[Analysis], params: dict[str, dict[str, Any]
             on_start(a)
         n_prompts = len(run)
         ctx = AnalysisContext(run=run, params=values, analysis=a, n_prompts=n_prompts, _model_loader=load,
-                              _progress=functools.partial(progress, a) if progress else None)
+                              _progress=functools.partial(progress, a) if progress else None,
+                              _reloader=lambda other: reload_model(other, device, registry))
         t0 = time.perf_counter()
         error = tb = None
         result = Result()
