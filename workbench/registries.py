@@ -105,8 +105,8 @@ def analyze(run: Run, analyses: list[Analysis], params: dict[str, dict[str, Any]
             progress: Callable[[Analysis, int, int], None] | None = None,
             on_start: Callable[[Analysis], None] | None = None) -> list[Outcome]:
     """:func:`workbench.analysis.analyze`, reloading the run's model (when an analysis needs it
-    and ``model`` is not given) from every plugin's models."""
-    registry = (build_registry() if model is None and any(a.needs_model or a.may_use_model for a in analyses)
-                else None)
+    and ``model`` is not given), and another run's (``AnalysisContext.model_of``), from every
+    plugin's models."""
+    registry = build_registry() if any(a.needs_model or a.may_use_model for a in analyses) else None
     return _analyze(run, analyses, params, force=force, device=device, model=model,
                     registry=registry, progress=progress, on_start=on_start)
