@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -258,32 +259,48 @@ def targets_for(kind: str, names: list[str]) -> list[str]:
 # --- the checker -------------------------------------------------------------------------------
 
 
-def read_everything(path: str) -> None:
-    """What a user of the Python API does with a run: open it and read every part of it."""
+def read_everything(path: str) -> str:
+    """What a user of the Python API does with a run: open it and read every part of it. Returns a
+    digest of everything the run's own data read back as (numbers as float64, so a dtype that
+    holds the same values reads the same), which a damaged file that reads "ok" must match."""
+    import hashlib
+
+    import numpy as np
+
     from workbench.store import open_run
     from workbench.store.results import list_results
 
+    h = hashlib.sha256()
+
+    def add(*values: Any) -> None:
+        for v in values:
+            if isinstance(v, np.ndarray) and v.dtype.kind in "fiub":
+                h.update(np.ascontiguousarray(v, dtype=np.float64).tobytes())
+            else:
+                h.update(repr(v).encode("utf-8", "surrogatepass"))
+
     with open_run(path) as run:
         run.summary(n_prompts=len(run))
-        square = [h for h, s in run.hooks.items() if s.layout == "square"]
+        square = [k for k, s in run.hooks.items() if s.layout == "square"]
         for i in range(len(run)):
-            run.prompt(i), run.prompt_id(i), run.metadata(i)
+            add(run.prompt(i), run.prompt_id(i), run.metadata(i))
             for s in run.streams:
-                run.tokens(i, s), run.str_tokens(i, s), run.display_tokens(i, s)
-            for h in run.hooks:
-                run.activation(h, i), run.axis_tokens(h, i)
-            for h in square:
-                if run.n_tokens(i, run.hooks[h].square_streams()[0]):
-                    run.attention_row(h, i, 0)
+                add(run.tokens(i, s), run.str_tokens(i, s), run.display_tokens(i, s))
+            for k in run.hooks:
+                add(run.activation(k, i), run.axis_tokens(k, i))
+            for k in square:
+                if run.n_tokens(i, run.hooks[k].square_streams()[0]):
+                    add(run.attention_row(k, i, 0))
             if run.has_lm_outputs:
-                run.loss(i), run.top_k(i)
+                add(run.loss(i), *run.top_k(i))
             if run.has_generation:
-                run.generation(i)
-        for h, spec in run.hooks.items():
+                add(*run.generation(i).values())
+        for k, spec in run.hooks.items():
             if spec.layout != "square":
-                run.rows(h)
+                add(run.rows(k))
         for r in list_results(run):
             r.result(), r.arrays, r.record(run)
+    return h.hexdigest()
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
@@ -356,7 +373,7 @@ def check_one(path: str, tui: bool) -> dict[str, Any]:
     if Path(path).name.startswith("selftest-"):  # the checker's own test: misbehave on purpose
         step("selftest", lambda: _misbehave(Path(path).name.removeprefix("selftest-")))
         return steps
-    step("open_run", lambda: read_everything(path))
+    step("open_run", lambda: steps.__setitem__("digest", read_everything(path)))
     step("inspect", cli("inspect", path, "-n", "50"))
     step("inspect_json", cli("inspect", path, "--json"))
     step("analyze", cli("analyze", path, "attends-to", "next-token"))
@@ -382,12 +399,12 @@ def check_forked(path: str, tui: bool) -> dict[str, Any]:
     """:func:`check_one` in a forked child limited to :data:`TIME_LIMIT` seconds and
     :data:`MEMORY_LIMIT` more address space: the steps' outcomes, ``seconds``, ``extra_mb`` (the
     child's peak resident memory above this process's) and ``died`` (a signal, a timeout)."""
-    r, w = os.pipe()
+    fd, answer_file = tempfile.mkstemp(prefix="hostile-answer-")  # a file: a pipe could fill and block
+    os.close(fd)
     base_kb = _rss_kb()
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:  # the child
-        os.close(r)
         start_kb = _rss_kb()
         try:
             limit = _vm_bytes() + MEMORY_LIMIT
@@ -395,11 +412,10 @@ def check_forked(path: str, tui: bool) -> dict[str, Any]:
             out = check_one(path, tui)
         except BaseException:  # noqa: BLE001 - every failure is an outcome to report
             out = {"worker": "bug: " + traceback.format_exc()}
-        out = {"steps": out, "start_kb": start_kb}
-        with os.fdopen(w, "w") as fh:
-            fh.write(json.dumps(out))
+        digest = out.pop("digest", None)
+        with open(answer_file, "w") as fh:
+            fh.write(json.dumps({"steps": out, "digest": digest, "start_kb": start_kb}))
         os._exit(0)
-    os.close(w)
     died = None
     while True:
         done, status, usage = os.wait4(pid, os.WNOHANG)
@@ -412,12 +428,13 @@ def check_forked(path: str, tui: bool) -> dict[str, Any]:
             break
         time.sleep(0.005)
     seconds = time.monotonic() - start
-    with os.fdopen(r) as fh:
+    with open(answer_file) as fh:
         text = fh.read()
+    os.unlink(answer_file)
     if died is None and os.WIFSIGNALED(status):
         died = f"killed by signal {os.WTERMSIG(status)}"
-    answer = json.loads(text) if text else {"steps": {}, "start_kb": base_kb}
-    return {"steps": answer["steps"], "seconds": round(seconds, 3), "died": died,
+    answer = json.loads(text) if text else {"steps": {}, "digest": None, "start_kb": base_kb}
+    return {"steps": answer["steps"], "digest": answer["digest"], "seconds": round(seconds, 3), "died": died,
             "extra_mb": round(max(0, usage.ru_maxrss - answer["start_kb"]) / 1024, 1)}
 
 
@@ -463,9 +480,18 @@ class Checker:
         self.proc.wait(timeout=30)
 
 
-def failures(outcome: dict[str, Any]) -> list[str]:
-    """What broke the promise in one checker answer (empty: kept)."""
+VALUE_KINDS = ("flip",)
+"""Damage to raw values, which HDF5 does not checksum: such a file may read "ok" with other values
+(docs/store.md says so). Every other kind must read the seed's values exactly, or fail."""
+
+
+def failures(outcome: dict[str, Any], seed_digest: str | None = None, kind: str = "") -> list[str]:
+    """What broke the promise in one checker answer (empty: kept). With ``seed_digest``, a file
+    whose ``open_run`` read everything without error must have read the seed run's values."""
     out = []
+    if (seed_digest and kind not in VALUE_KINDS and outcome["steps"].get("open_run") == "ok"
+            and outcome["digest"] != seed_digest):
+        out.append("read other values than the undamaged run, without an error")
     if outcome["died"]:
         out.append(outcome["died"])
     if outcome["seconds"] > TIME_LIMIT:

@@ -65,12 +65,19 @@ def checker():  # type: ignore[no-untyped-def]
     c.close()
 
 
-def test_the_seed_runs_read_cleanly(seeds, checker) -> None:
+@pytest.fixture(scope="module")
+def digests(seeds, checker):  # type: ignore[no-untyped-def]
+    """What each undamaged run reads back as (tests/hostile.py: read_everything)."""
+    return {name: checker.check(path)["digest"] for name, path in seeds.items()}
+
+
+def test_the_seed_runs_read_cleanly(seeds, checker, digests) -> None:
     """The undamaged runs pass every step: the checker itself can tell a good file."""
-    for path in seeds.values():
+    for name, path in seeds.items():
         outcome = checker.check(path, tui=True)
         assert outcome["steps"] == {k: "ok" for k in ("open_run", "inspect", "inspect_json", "analyze", "tui")}
-        assert not outcome["died"]
+        assert not outcome["died"] and outcome["digest"] == digests[name]
+        assert H.failures(outcome, digests[name]) == []
 
 
 def test_the_checker_catches_a_crash_a_hang_and_a_traceback(tmp_path, seeds, checker) -> None:
@@ -87,7 +94,7 @@ def test_the_checker_catches_a_crash_a_hang_and_a_traceback(tmp_path, seeds, che
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_damaged_runs_fail_cleanly(data, seeds, checker) -> None:
+def test_damaged_runs_fail_cleanly(data, seeds, checker, digests) -> None:
     seed = data.draw(st.sampled_from(sorted(seeds)), label="seed")
     kind = data.draw(st.sampled_from(H.KINDS), label="kind")
     target = data.draw(st.sampled_from(H.targets_for(kind, H.dataset_names(seeds[seed]))), label="target")
@@ -97,7 +104,7 @@ def test_damaged_runs_fail_cleanly(data, seeds, checker) -> None:
     try:
         path = H.apply(m, seeds[seed], folder)
         outcome = checker.check(path)
-        assert H.failures(outcome) == [], m.describe()
+        assert H.failures(outcome, digests[seed], kind) == [], m.describe()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -197,7 +197,7 @@ def test_a_run_opened_again_under_its_final_name_sees_every_prompt(tmp_path):
     handles, with the first one's cached extents, which the second refreshes."""
     out = tmp_path / "live.h5"
     writer = subprocess.Popen([sys.executable, "-m", "workbench.store.synthetic", str(out),
-                               "--prompts", "10", "--delay", "0.1"])
+                               "--prompts", "10", "--delay", "0.3"])
     partial = out.with_name("live.h5.partial")
     deadline = time.monotonic() + 60
     while not partial.exists() and time.monotonic() < deadline:

@@ -13,6 +13,7 @@ that leaves undetected).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ DEFLATE_MAX = 1100
 """More than deflate's best compression ratio (~1032:1): no stored dataset unpacks to more than
 this many times the file's bytes."""
 LARGE_READ = 64 << 20
+READ_ERRORS = (OSError, ValueError, RuntimeError, OverflowError)
+"""What h5py raises for a damaged file on a read (failed filter or checksum, a bad address, a
+selection HDF5 refuses)."""
 
 
 def damaged(path: Path | str, what: str) -> UserError:
@@ -74,7 +78,7 @@ def check_spec(path: Path | str, spec: Any) -> None:
         raise damaged(path, f"hook {spec.name}: a square layout has one feature axis, "
                             f"not {list(spec.feature_shape)}")
     if any(not 1 <= d <= MAX_FEATURE_DIM for d in spec.feature_shape) or \
-            spec.row_elements() > MAX_ROW_ELEMENTS:
+            math.prod(spec.feature_shape) > MAX_ROW_ELEMENTS:
         raise damaged(path, f"hook {spec.name}: implausible shape {list(spec.feature_shape)}")
 
 
@@ -84,8 +88,26 @@ def check_hook_dataset(path: Path | str, spec: Any, ds: Any) -> None:
     if len(ds.shape) != want or (spec.layout != "square" and tuple(ds.shape[1:]) != spec.feature_shape):
         raise damaged(path, f"acts/{spec.name} has shape {tuple(ds.shape)}, which its hook "
                             f"description ({spec.layout}, {list(spec.feature_shape)}) contradicts")
-    if ds.dtype.kind not in "fiu":
-        raise damaged(path, f"acts/{spec.name} holds {ds.dtype}, not numbers")
+    enc = ds.attrs.get("encoding", "")
+    kinds = "iu" if spec.kind == "int" else ("u" if isinstance(enc, str) and enc == "bfloat16" else "f")
+    if ds.dtype.kind not in kinds:
+        raise damaged(path, f"acts/{spec.name} holds {ds.dtype}, not the {spec.kind} values its hook stores")
+
+
+def check_dtype(path: Path | str, name: str, ds: Any) -> None:
+    """The format's own datasets hold what the writer writes: offsets and token ids as integers
+    of 8 and 4 bytes or more, text and token strings as bytes."""
+    kind, size = ds.dtype.kind, ds.dtype.itemsize
+    if name.endswith("offsets") or name.startswith("acts_offsets/"):
+        ok = kind in "iu" and size >= 8
+    elif name.endswith(("/ids", "topk_ids", "/special")):
+        ok = kind in "iu" and size >= 4
+    elif name in ("prompts/text", "prompts/id", "prompts/meta") or name.endswith("/str") or name.startswith("vocab/"):
+        ok = kind == "u" and size == 1
+    else:
+        return
+    if not ok:
+        raise damaged(path, f"{name} holds {ds.dtype}, which the format never writes there")
 
 
 def offsets(path: Path | str, name: str, values: Any, count: int, limit: int) -> np.ndarray:
@@ -110,7 +132,7 @@ def bounds(path: Path | str, name: str, ds: Any, start: int, end: int,
     allocate them. ``file_bytes`` tells the file's size (asked only for reads over 64 MB)."""
     if not 0 <= start <= end <= ds.shape[0]:
         raise damaged(path, f"{name}: rows {start:,}..{end:,} lie outside its {ds.shape[0]:,} rows")
-    nbytes = (end - start) * int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+    nbytes = (end - start) * math.prod(int(d) for d in ds.shape[1:]) * ds.dtype.itemsize
     if nbytes > LARGE_READ and file_bytes is not None and nbytes > DEFLATE_MAX * file_bytes() + LARGE_READ:
         raise damaged(path, f"{name}: rows {start:,}..{end:,} would be {nbytes:,} bytes, more than "
                             "the file could hold")
@@ -123,16 +145,19 @@ def read(path: Path | str, name: str, ds: Any, start: int, end: int,
     bounds(path, name, ds, start, end, file_bytes)
     try:
         return ds[start:end]  # type: ignore[no-any-return]
-    except OSError as exc:
-        raise damaged(path, f"{name}: {str(exc).splitlines()[0]}") from None
+    except READ_ERRORS as exc:
+        raise damaged(path, f"{name}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
 
 
 def dataset(path: Path | str, f: Any, name: str) -> Any:
     """``f[name]``, where a missing part is damage, not a KeyError."""
     try:
-        return f[name]
+        obj = f[name]
     except KeyError as exc:
         what = "is missing" if "doesn't exist" in str(exc) else str(exc).strip("'\"").splitlines()[0]
         raise damaged(path, f"{name} {what}") from None
-    except OSError as exc:
-        raise damaged(path, f"{name}: {str(exc).splitlines()[0]}") from None
+    except READ_ERRORS as exc:
+        raise damaged(path, f"{name}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+    if not (hasattr(obj, "shape") and hasattr(obj, "dtype")):
+        raise damaged(path, f"{name} is a {type(obj).__name__}, not a dataset")
+    return obj

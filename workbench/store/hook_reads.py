@@ -41,7 +41,7 @@ class HookReads:
         """Stored tensors by dataset name."""
         try:
             specs = [S.HookSpec.from_dict(d) for d in self._json(S.META_HOOKS, list)]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise guard.damaged(self.path, f"{S.META_HOOKS}: {exc!r}") from None
         for spec in specs:
             guard.check_spec(self.path, spec)
@@ -85,7 +85,7 @@ class HookReads:
         if spec.layout == "square":
             i = self._check(i)
             start, shape = self._square(spec, i)
-            values = self._read(name, start, start + int(np.prod(shape)), "fiu").reshape(shape)
+            values = self._read(name, start, start + shape[0] * shape[1] * shape[2], "fiu").reshape(shape)
         else:
             start, end = self._token_range(i, spec.stream_of_rows())
             values = self._read(name, start, end, "fiu")

@@ -20,7 +20,14 @@ import numpy as np
 from workbench.errors import UserError
 from workbench.store import guard, shards
 from workbench.store import schema as S
-from workbench.store.files import final_name, lock_path, open_readonly, opened_twice, partial_path, writer_alive
+from workbench.store.files import (
+    final_name,
+    lock_path,
+    open_readonly,
+    opened_twice,
+    partial_path,
+    writer_alive,
+)
 from workbench.store.hook_reads import HookReads
 from workbench.store.live_shards import LiveShards
 from workbench.store.settings import NewerSettings, RunSettings
@@ -94,7 +101,7 @@ class Run(HookReads):
         except NewerSettings as exc:
             self.f.close()
             raise UserError(f"{path}: {exc}") from None
-        except (KeyError, OSError, ValueError, TypeError) as exc:
+        except (KeyError, OSError, ValueError, TypeError, OverflowError) as exc:
             self.f.close()
             raise UserError(f"{path} is a damaged workbench run ({exc})") from None
 
@@ -108,6 +115,7 @@ class Run(HookReads):
         ds = self._datasets.get(name)
         if ds is None:
             ds = guard.dataset(self.path, self.f, name)
+            guard.check_dtype(self.path, name, ds)
             if name.startswith(S.ACTS + "/") and name[len(S.ACTS) + 1 :] in self.hooks:
                 guard.check_hook_dataset(self.path, self.hooks[name[len(S.ACTS) + 1 :]], ds)
             if self._shared:
@@ -115,10 +123,26 @@ class Run(HookReads):
             if self._direct is not None:
                 ds = self._direct.wrap(ds)
             self._datasets[name] = ds
+            if not self.is_partial:
+                self._check_length(name, ds)
         elif name in self._stale:
             ds.refresh()
             self._stale.discard(name)
         return ds
+
+    def _check_length(self, name: str, ds: h5py.Dataset) -> None:
+        """A finished run's per-token datasets have exactly the committed rows (a clean close
+        trims them): a longer one is damage (never-written rows would read as zeros)."""
+        group, _, leaf = name.rpartition("/")
+        rows = None
+        if group == S.ACTS and leaf in self.hooks:
+            spec = self.hooks[leaf]
+            rows = (int(self._read(f"{S.ACTS_OFFSETS}/{leaf}", self._n, self._n + 1)[0]) if spec.layout == "square"
+                    else int(self._offsets_of(spec.stream_of_rows())[-1]))
+        elif group in self.streams and leaf not in ("ids", "str", "str_offsets"):
+            rows = int(self._offsets_of(group)[-1])
+        if rows is not None and ds.shape[0] != rows:
+            raise guard.damaged(self.path, f"{name} has {ds.shape[0]:,} rows; the run's offsets say {rows:,}")
 
     def refresh(self) -> int:
         """Pick up prompts committed since opening (or the last refresh); returns the count.
@@ -250,8 +274,10 @@ class Run(HookReads):
             if stream not in self.streams:
                 raise UserError(f"this run has no {stream!r} stream (streams: {', '.join(self.streams)})")
             name, n = S.stream_offsets(stream), self._n + 1
-            cached = guard.offsets(self.path, name, self._read(name, 0, n), n,
-                                   self._ds(S.ids_name(stream)).shape[0])
+            ids = self._ds(S.ids_name(stream)).shape[0]
+            cached = guard.offsets(self.path, name, self._read(name, 0, n), n, ids)
+            if not self.is_partial and cached[-1] != ids:  # a finished run is trimmed to its tokens
+                raise guard.damaged(self.path, f"{S.ids_name(stream)} has {ids:,} rows; {name} says {cached[-1]:,}")
             self._stream_offsets[stream] = cached
         return cached
 

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from workbench.store.reader import Run
 
 MARKER = "workbench analysis result"
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
 FORMAT = 1
 SUFFIX = ".results"
 
@@ -118,7 +120,7 @@ class StoredResult:
                 with h5py.File(self.path, "r") as f:
                     group = f.get("arrays")
                     self._arrays = {k: _array(group[k], self.path) for k in group} if group is not None else {}
-            except (OSError, KeyError, ValueError, TypeError) as exc:
+            except (OSError, KeyError, ValueError, TypeError, AttributeError, OverflowError, RuntimeError) as exc:
                 raise UserError(f"{self.path} is a damaged analysis result ({exc})") from None
         return self._arrays
 
@@ -176,7 +178,7 @@ def load(path: Path) -> StoredResult:
             return StoredResult(path=path, meta=meta, data=data)
     except FileNotFoundError:
         raise UserError(f"no such result: {path}") from None
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, OverflowError, RuntimeError) as exc:
         raise UserError(f"{path} is a damaged analysis result ({exc})") from None
 
 
@@ -250,15 +252,16 @@ def check_storable(result: Result) -> None:
 
 
 def sweep_temporaries(folder: Path) -> list[Path]:
-    """Remove the temporaries of result writes whose process is gone (``.NAME.PID-XXXX.tmp``: a
-    write killed by SIGKILL or a power cut leaves one; nothing ever reads it). Returns them."""
+    """Remove the temporaries of result writes whose process is gone (``.NAME.HOST-PID-XXXX.tmp``:
+    a write killed by SIGKILL or a power cut leaves one; nothing ever reads it). Only this host's
+    are judged (a pid means nothing across machines sharing a folder). Returns them."""
     gone = []
     for tmp in folder.glob(".*.tmp"):
-        m = re.search(r"\.(\d+)-[0-9a-f]+\.tmp$", tmp.name)
-        if m is None or int(m.group(1)) == os.getpid():
+        m = re.search(r"\.([^./]+)-(\d+)-[0-9a-f]+\.tmp$", tmp.name)
+        if m is None or m.group(1) != _HOST or int(m.group(2)) == os.getpid():
             continue
         try:
-            os.kill(int(m.group(1)), 0)
+            os.kill(int(m.group(2)), 0)
             continue  # its writer is alive
         except ProcessLookupError:
             pass
@@ -285,7 +288,7 @@ def save(run: Run, name: str, version: str, params: dict[str, Any], key: str, re
     }
     final = folder / _file_name(name, version, key)
     sweep_temporaries(folder)
-    tmp = folder / f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    tmp = folder / f".{final.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
     try:
         import h5py
 

@@ -6,6 +6,7 @@ Nothing here imports torch. See ``docs/store.md`` for the format as users and ot
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -138,7 +139,7 @@ class HookSpec:
         )
 
     def row_elements(self) -> int:
-        return int(np.prod(self.feature_shape)) if self.feature_shape else 1
+        return math.prod(self.feature_shape)  # Python ints: no int64 wrap-around for a hostile shape
 
     def bytes_for(self, lengths: dict[str, int], itemsize: int) -> int:
         """Stored bytes for one prompt whose streams have these token counts."""

@@ -155,8 +155,8 @@ def check_resumable(old: Any, settings: dict[str, Any], prompts: Sequence[tuple[
         raise UserError(f"cannot resume {partial}: it already holds {n_done} prompts, more than "
                         f"the {len(prompts)} given")
     for i in range(n_done):
-        old_id = read_ragged(old.__getitem__, S.PROMPT_ID, i).decode("utf-8")
-        old_text = read_ragged(old.__getitem__, S.PROMPT_TEXT, i).decode("utf-8")
+        old_id = read_ragged(old.__getitem__, S.PROMPT_ID, i, partial).decode("utf-8")
+        old_text = read_ragged(old.__getitem__, S.PROMPT_TEXT, i, partial).decode("utf-8")
         if (old_id, old_text) != tuple(prompts[i]):
             raise UserError(f"cannot resume {partial}: prompt {i} ({prompts[i][0]!r}) is not the "
                             "one already captured; resume needs the same prompts in the same order")

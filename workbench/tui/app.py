@@ -304,11 +304,12 @@ class WorkbenchApp(LivePrompts, App[None]):
 
         # finished: a partial file renamed, or a sharded capture's index written
         if run.final_path.exists() and (run.path == run.final_path or not run.path.exists()):
-            # Closed first: HDF5 shares a file opened twice in one process, and the new handle
-            # would read the SWMR reader's stale extents (prompts listed short, IndexErrors).
+            # Opened before the old one closes, so a failure leaves the old one in use (the new
+            # handle refreshes the extents HDF5 shares with the old: files.opened_twice).
+            fresh = open_run(run.final_path)
             k = self.runs.index(run)
             run.close()
-            self.runs[k] = self.active_run = run = open_run(run.final_path)
+            self.runs[k] = self.active_run = run = fresh
         before = self._listed
         self._listed = run.refresh()
         self._fill_page()
