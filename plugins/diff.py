@@ -29,6 +29,7 @@ from workbench import hookimpl
 from workbench.analysis import Analysis, AnalysisContext, Param, Result
 from workbench.errors import UserError
 from workbench.store import Run, open_run
+from workbench.views import View, lazy_view
 
 LENS_BUDGET = 200_000
 """Token-layers ``lens=auto`` computes at most (each is a full-vocabulary readout per model)."""
@@ -337,6 +338,12 @@ ANALYSIS = Analysis(
 @hookimpl
 def register_analyses(register):  # type: ignore[no-untyped-def]
     register(ANALYSIS)
+
+
+@hookimpl
+def register_views(register):  # type: ignore[no-untyped-def]
+    register(View(name="diff-heatmap", analysis="diff", title="run diff: heatmap, heads, predictions",
+                  make=lazy_view("workbench_plugins.diff_view", "DiffView")))
 
 
 @hookimpl

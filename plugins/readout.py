@@ -115,10 +115,11 @@ class Readout:
 
     def logits(self, resid: np.ndarray) -> Any:
         """``unembed(ln_final(resid))`` for residual vectors ``(n, d)``: the model's own final
-        norm and unembedding modules; a torch float32 tensor ``(n, vocab)``."""
+        norm and unembedding modules, in the model's dtype; a torch float32 tensor ``(n, vocab)``."""
         import torch
 
-        x = torch.as_tensor(np.ascontiguousarray(resid), dtype=torch.float32, device=self.model.device)
+        dtype = self.bridge.unembed.W_U.dtype  # float32, or the dtype a model was loaded in
+        x = torch.as_tensor(np.ascontiguousarray(resid), dtype=dtype, device=self.model.device)
         with torch.inference_mode():
             return self.bridge.unembed(self.bridge.ln_final(x)).float()
 

@@ -5,6 +5,11 @@
     LayerNorm) trained on random letter sequences holding a repeated segment
     (``examples/train_toy_induction.py``): it predicts the repeat by an induction circuit, a
     previous-token head in layer 0 feeding an induction head in layer 1.
+``toy-induction@STEP``
+    The same training run saved at several steps (``--checkpoints`` of the training script, in
+    ``toys/induction_ckpt/``): before, during and after the induction heads form, for training
+    dynamics (``examples/training_dynamics.py``). Same architecture and tokenizer; each
+    checkpoint's provenance names its step and the hash of its weights.
 ``toy-reversal``
     A small T5 encoder-decoder trained to reverse a sequence of letters
     (``examples/train_toy_reversal.py``): to write output token j of an input of n tokens its
@@ -32,6 +37,9 @@ from workbench.errors import UserError
 from workbench.models import LoadedParts, LoadRequest, ModelSource, Provenance
 
 TOYS = Path(__file__).parent / "toys"
+CHECKPOINTS = TOYS / "induction_ckpt"
+"""``toy-induction``'s training run at several steps: ``step-NNNNN.safetensors`` and
+``checkpoints.json`` (each checkpoint's evaluation, the learning curve, the phase change)."""
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 LETTERS = tuple(string.ascii_lowercase + string.ascii_uppercase)
 VOCAB = {tok: i for i, tok in enumerate((*SPECIALS, *LETTERS))}
@@ -80,22 +88,66 @@ def _provenance(name: str, folder: Path) -> Provenance:
                       converted=f"trained by examples/train_toy_{name}.py ({meta.get('summary', 'toy')})")
 
 
-def load_induction(request: LoadRequest) -> LoadedParts:
+def _boot_induction(request: LoadRequest, weights: Path, provenance: Provenance) -> LoadedParts:
+    """The toy decoder of ``toys/induction/config.json`` with ``weights`` (its tokenizer too)."""
     import safetensors.torch
     import transformer_lens.model_bridge.sources.native  # noqa: F401  (attaches boot_native)
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import PreTrainedTokenizerFast
 
-    folder = _folder("induction")
+    folder = TOYS / "induction"
     cfg = TransformerBridgeConfig.from_dict(json.loads((folder / "config.json").read_text()))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
     bridge = TransformerBridge.boot_native(cfg, tokenizer=tokenizer)  # type: ignore[attr-defined]
-    safetensors.torch.load_model(bridge.original_model, str(folder / "model.safetensors"))
+    safetensors.torch.load_model(bridge.original_model, str(weights))
     if request.device != "cpu":
         bridge.to(request.device)  # (TransformerLens prints "Moving model to device")
-    return LoadedParts(bridge=bridge, tokenizer=tokenizer, tokenizer_path=str(folder),
-                       provenance=_provenance("induction", folder))
+    return LoadedParts(bridge=bridge, tokenizer=tokenizer, tokenizer_path=str(folder), provenance=provenance)
+
+
+def load_induction(request: LoadRequest) -> LoadedParts:
+    folder = _folder("induction")
+    return _boot_induction(request, folder / "model.safetensors", _provenance("induction", folder))
+
+
+def checkpoint_steps() -> list[int]:
+    """The training steps of the shipped ``toy-induction@STEP`` checkpoints."""
+    return sorted(int(p.stem.split("-")[1]) for p in CHECKPOINTS.glob("step-*.safetensors"))
+
+
+def checkpoint_info() -> dict[str, Any]:
+    """``checkpoints.json``: the training run, each checkpoint's losses, the learning curve and
+    where the phase change is (empty when the file is missing)."""
+    path = CHECKPOINTS / "checkpoints.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def checkpoint_path(step: int) -> Path:
+    return CHECKPOINTS / f"step-{step:05d}.safetensors"
+
+
+def _checkpoint_loader(step: int) -> Callable[[LoadRequest], LoadedParts]:
+    def load(request: LoadRequest) -> LoadedParts:
+        path = checkpoint_path(step)
+        if not path.is_file():
+            raise UserError(f"the toy-induction checkpoint of step {step} is missing ({path}; retrain with "
+                            f"examples/train_toy_induction.py --checkpoints {step})")
+        meta = checkpoint_info()
+        provenance = Provenance(
+            source="package", location=f"workbench_plugins/toys/induction_ckpt/{path.name}",
+            sha256=_sha256(path), seed=meta.get("seed"), revision=f"step {step}",
+            converted=f"trained by examples/train_toy_induction.py: step {step} of {meta.get('steps', '?')} "
+                      f"(seed {meta.get('seed')}, --checkpoints)")
+        return _boot_induction(request, path, provenance)
+    return load
+
+
+def _checkpoint_available(step: int) -> Callable[[], str | None]:
+    def check() -> str | None:
+        path = checkpoint_path(step)
+        return None if path.is_file() and (TOYS / "induction" / "config.json").is_file() else f"{path} missing"
+    return check
 
 
 def load_reversal(request: LoadRequest) -> LoadedParts:
@@ -123,6 +175,16 @@ def register_models(register: Callable[[ModelSource], None]) -> None:
                     "(an induction circuit); prompts: letters separated by spaces",
         origin="trained toy (examples/train_toy_induction.py)",
     ))
+    curve = {c["step"]: c for c in checkpoint_info().get("curve", [])}
+    for step in checkpoint_steps():
+        loss = curve.get(step, {}).get("loss_second_copy")
+        register(ModelSource(
+            name=f"toy-induction@{step}", family="decoder", load=_checkpoint_loader(step),
+            check=_checkpoint_available(step), default_bos="tokenizer",
+            description=f"toy-induction after {step} training steps"
+                        + (f" (loss on a repeated copy {loss:.2f} nats)" if loss is not None else ""),
+            origin="checkpoint of examples/train_toy_induction.py --checkpoints",
+        ))
     register(ModelSource(
         name="toy-reversal", family="encoder-decoder", load=load_reversal, check=_available("reversal"),
         description="small T5 trained to reverse a sequence of letters (cross-attention aligns "

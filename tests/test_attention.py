@@ -339,12 +339,19 @@ def test_training_scripts_write_loadable_toys(tmp_path, monkeypatch):
     from workbench.models import LoadRequest
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for name, steps in (("induction", 3), ("reversal", 3)):
+    ckpt = ["--checkpoints", "0,3", "--checkpoint-dir", str(tmp_path / "ckpt"), "--eval-every", "1"]
+    for name, steps, extra in (("induction", 3, ckpt), ("reversal", 3, [])):
         proc = subprocess.run([sys.executable, os.path.join(repo, "examples", f"train_toy_{name}.py"),
-                               "--steps", str(steps), "--out", str(tmp_path / name)],
+                               "--steps", str(steps), "--out", str(tmp_path / name), *extra],
                               capture_output=True, text=True, check=False)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads((tmp_path / name / "training.json").read_text())["steps"] == steps
+    meta = json.loads((tmp_path / "ckpt" / "checkpoints.json").read_text())
+    assert sorted(meta["checkpoints"]) == ["0", "3"] and [c["step"] for c in meta["curve"]] == [0, 1, 2, 3]
+    from safetensors.numpy import load_file
+
+    last, final = load_file(tmp_path / "ckpt" / "step-00003.safetensors"), load_file(tmp_path / "induction" / "model.safetensors")
+    assert last.keys() == final.keys() and all(np.array_equal(last[k], final[k]) for k in last)
     monkeypatch.setattr(toy_models, "TOYS", tmp_path)
     parts = toy_models.load_induction(LoadRequest(name="toy-induction"))
     shipped = os.path.join(repo, "plugins", "toys", "induction", "model.safetensors")
