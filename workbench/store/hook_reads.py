@@ -105,6 +105,13 @@ class HookReads:
         return int(start), shape
 
     def _encoding(self, name: str) -> str | None:
+        """How a hook's values are stored (``bfloat16`` raw bits, or plain), checked, read once."""
+        cache: dict[str, str | None] = self.__dict__.setdefault("_encodings", {})
+        if name not in cache:
+            cache[name] = self._read_encoding(name)
+        return cache[name]
+
+    def _read_encoding(self, name: str) -> str | None:
         enc = self._ds(name).attrs.get("encoding", "")
         enc = None if isinstance(enc, str) and not enc else enc
         if not (enc is None or (isinstance(enc, str) and enc == "bfloat16")):
