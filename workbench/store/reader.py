@@ -31,7 +31,7 @@ from workbench.store.files import (
 from workbench.store.hook_reads import HookReads
 from workbench.store.live_shards import LiveShards
 from workbench.store.settings import NewerSettings, RunSettings
-from workbench.store.tokens_display import DisplayToken, TokenTable, show_tokens
+from workbench.store.vocab_reads import VocabReads
 
 __all__ = ["Run", "lock_path", "open_run", "partial_path", "read_ragged", "writer_alive"]
 
@@ -46,7 +46,7 @@ def read_ragged(get: Callable[[str], h5py.Dataset], name: str, i: int, path: Pat
     return bytes(guard.read(path, name, data, int(start), int(end), file_bytes))
 
 
-class Run(HookReads):
+class Run(HookReads, VocabReads):
     """A captured run. Use :func:`open_run`."""
 
     def __init__(self, path: Path, *, live_shards: bool = False) -> None:
@@ -131,18 +131,49 @@ class Run(HookReads):
         return ds
 
     def _check_length(self, name: str, ds: h5py.Dataset) -> None:
-        """A finished run's per-token datasets have exactly the committed rows (a clean close
-        trims them): a longer one is damage (never-written rows would read as zeros)."""
+        """A finished run's datasets have exactly the rows its offsets commit (a clean close trims
+        them): a longer or shorter one is damage (never-written rows would read as zeros, a
+        shortened offsets vector would cut a text short)."""
+        if name == S.TOKEN_OFFSETS:
+            return  # it defines the committed count
         group, _, leaf = name.rpartition("/")
-        rows = None
+        n, rows = self._n, None
         if group == S.ACTS and leaf in self.hooks:
             spec = self.hooks[leaf]
-            rows = (int(self._read(f"{S.ACTS_OFFSETS}/{leaf}", self._n, self._n + 1)[0]) if spec.layout == "square"
+            rows = (self._last(f"{S.ACTS_OFFSETS}/{leaf}", n) if spec.layout == "square"
                     else int(self._offsets_of(spec.stream_of_rows())[-1]))
-        elif group in self.streams and leaf not in ("ids", "str", "str_offsets"):
-            rows = int(self._offsets_of(group)[-1])
+        elif group == S.ACTS_OFFSETS or name in self._prompt_offsets:
+            rows = n + 1
+        elif name in S.RAGGED_BYTES:
+            rows = self._last(S.offsets_name(name), n)
+        elif name == S.N_INPUT:
+            rows = n
+        elif group in self.streams and leaf != "ids":
+            total = int(self._offsets_of(group)[-1])
+            rows = {"str_offsets": total + 1, "str": None}.get(leaf, total)
+            if leaf == "str":
+                rows = self._last(S.offsets_name(name), total)
+        elif group == "vocab" and leaf in ("str", "bytes"):
+            rows = self._last(S.offsets_name(name), self._ds(S.offsets_name(name)).shape[0] - 1)
         if rows is not None and ds.shape[0] != rows:
             raise guard.damaged(self.path, f"{name} has {ds.shape[0]:,} rows; the run's offsets say {rows:,}")
+
+    @cached_property
+    def _prompt_offsets(self) -> set[str]:
+        return {S.offsets_name(r) for r in S.RAGGED_BYTES} | {S.stream_offsets(s) for s in self.streams}
+
+    def _last(self, offsets: str, i: int) -> int:
+        """Entry ``i`` of an offsets dataset (where the data it indexes ends)."""
+        return int(self._read(offsets, i, i + 1, "iu")[0])
+
+    def _complete(self, *names: str) -> bool:
+        """Whether the run holds parts that are written together: all (True), none (False), or
+        some — damage."""
+        held = [self._has(x) for x in names]
+        if any(held) and not all(held):
+            missing = [x for x, h in zip(names, held, strict=True) if not h]
+            raise guard.damaged(self.path, f"{', '.join(missing)} missing beside {names[held.index(True)]}")
+        return all(held)
 
     def refresh(self) -> int:
         """Pick up prompts committed since opening (or the last refresh); returns the count.
@@ -255,7 +286,7 @@ class Run(HookReads):
 
     @property
     def has_lm_outputs(self) -> bool:
-        return self._has(f"{self.lm_stream}/{S.LOSS}")
+        return self._complete(*(f"{self.lm_stream}/{x}" for x in (S.LOSS, S.TOPK_IDS, S.TOPK_LOGPROBS)))
 
     @property
     def has_generation(self) -> bool:
@@ -387,55 +418,6 @@ class Run(HookReads):
             raise UserError("this run holds no generated tokens (capture with --generate N)")
         start, end = self._token_range(i, self.lm_stream)
         return {f: self._read(f"{self.lm_stream}/{f}", start, end, "fiu") for f in S.GEN_FIELDS}
-
-    @property
-    def has_vocab(self) -> bool:
-        """Whether the run stores its tokenizer's vocabulary (runs captured since 0.1.0 do)."""
-        return self._has(S.VOCAB)
-
-    def token_strings(self, ids: Any) -> list[str]:
-        """Token ids as text, each decoded on its own like :meth:`str_tokens`, from the run's
-        stored vocabulary (no tokenizer needed); ``#ID`` for an id the run cannot name."""
-        if self._vocab is None:
-            if not self.has_vocab:
-                self._vocab = (np.zeros(1, np.int64), b"")
-            else:
-                blob = self._read(S.VOCAB, 0, self._ds(S.VOCAB).shape[0]).tobytes()
-                n = self._ds(S.VOCAB_OFFSETS).shape[0]
-                self._vocab = (guard.offsets(self.path, S.VOCAB_OFFSETS, self._read(S.VOCAB_OFFSETS, 0, n),
-                                             n, len(blob)), blob)
-        offsets, blob = self._vocab
-        out = []
-        for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
-            if 0 <= i < len(offsets) - 1:
-                out.append(guard.text(self.path, S.VOCAB, blob[offsets[i] : offsets[i + 1]]))
-            else:
-                out.append(f"#{i}")
-        return out
-
-    @cached_property
-    def token_table(self) -> TokenTable | None:
-        """Each vocabulary entry's raw bytes and the special tokens (``vocab/bytes``), which
-        :meth:`display_tokens` shows tokens with; ``None`` for a run written before they were."""
-        if not self._has(S.VOCAB_BYTES):
-            return None
-        blob = self._read(S.VOCAB_BYTES, 0, self._ds(S.VOCAB_BYTES).shape[0]).tobytes()
-        n = self._ds(S.VOCAB_BYTES_OFFSETS).shape[0]
-        offsets = guard.offsets(self.path, S.VOCAB_BYTES_OFFSETS, self._read(S.VOCAB_BYTES_OFFSETS, 0, n), n, len(blob))
-        special = (self._read(S.VOCAB_SPECIAL, 0, self._ds(S.VOCAB_SPECIAL).shape[0], "iu").tolist()
-                   if self._has(S.VOCAB_SPECIAL) else ())
-        return TokenTable(blob, offsets, special)
-
-    def display_tokens(self, i: int, stream: str = S.MAIN) -> list[DisplayToken]:
-        """Prompt ``i``'s tokens as the UI and the command line show them: byte-level pieces as
-        their bytes (``<E4><BD>``) with the characters they form, special tokens by name, the
-        rest as :meth:`str_tokens` (:mod:`workbench.store.tokens_display`)."""
-        return show_tokens(self.tokens(i, stream), self.str_tokens(i, stream), self.token_table)
-
-    def display_ids(self, ids: Any) -> list[DisplayToken]:
-        """Vocabulary ids (predictions) shown each on its own, like :meth:`display_tokens`."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        return show_tokens(ids, self.token_strings(ids), self.token_table, sequence=False)
 
     def _has(self, name: str) -> bool:
         """Whether the run holds ``name``; damaged metadata on the way is damage, not a KeyError."""
