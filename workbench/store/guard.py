@@ -96,7 +96,8 @@ def check_hook_dataset(path: Path | str, spec: Any, ds: Any) -> None:
 
 def check_dtype(path: Path | str, name: str, ds: Any) -> None:
     """The format's own datasets hold what the writer writes: offsets and token ids as integers
-    of 8 and 4 bytes or more, text and token strings as bytes."""
+    of 8 and 4 bytes or more, text and token strings as bytes, losses and probabilities as
+    floats."""
     kind, size = ds.dtype.kind, ds.dtype.itemsize
     if name.endswith("offsets") or name.startswith("acts_offsets/"):
         ok = kind in "iu" and size >= 8
@@ -104,6 +105,8 @@ def check_dtype(path: Path | str, name: str, ds: Any) -> None:
         ok = kind in "iu" and size >= 4
     elif name in ("prompts/text", "prompts/id", "prompts/meta") or name.endswith("/str") or name.startswith("vocab/"):
         ok = kind == "u" and size == 1
+    elif name.endswith(("/loss", "/topk_logprobs", "_prob", "_entropy")):
+        ok = kind == "f"
     else:
         return
     if not ok:
