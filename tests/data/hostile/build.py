@@ -1,10 +1,12 @@
-"""Write the regression corpus: each case below once crashed a reader, hung, or allocated 1 TiB
-(README.md says which and how). ``python tests/data/hostile/build.py`` rebuilds the files from
+"""Write the regression corpus: each case below once crashed a reader, hung, allocated 1 TiB or
+read other values without an error (README.md says which and how), and ``seed_digests.json``:
+what the undamaged seed runs read back as (tests/hostile.py ``read_everything``). ``python tests/data/hostile/build.py`` rebuilds the files from
 fresh seed runs of the tiny models; a rebuilt file may differ byte for byte from the committed
 one (h5py versions lay files out differently), so the committed files are the corpus."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -36,6 +38,13 @@ CASES = [  # seed:kind:target:a:b, as tests.hostile.Mutation.describe() writes t
     "t5:flip_meta::2:14",                           # metadata checksum failure: OSError on read
     "t5:zero_meta::6:42",                           # "bad object header version number"
     "t5:flip::4:28",                                # a gzip chunk that no longer inflates
+    # These read without an error but read other values (found by the value check, 2,000 files):
+    "gpt2:delete:tokens/loss:342608986:634291",     # read as a run without LM outputs
+    "gpt2:delete:vocab/bytes:792971309:121335",     # tokens shown without their bytes
+    "gpt2:huge_shape:prompts/text:910200491:794496",  # prompt texts read as zeros
+    "t5:huge_shape:dec_tokens/str:141831164:164172",  # decoder token strings read as zeros
+    "gpt2:offsets_decrease:prompts/text_offsets:707722891:624585",  # the last text cut short
+    "gpt2:wrong_dtype:tokens/topk_logprobs:767492001:769773",  # log-probabilities truncated to ints
 ]
 
 
@@ -49,6 +58,8 @@ def build(cases: list[str], out: Path, models: dict | None = None) -> None:
     work = Path(tempfile.mkdtemp())
     try:
         seeds = make_seeds(work, models)
+        digests = {name: H.read_everything(str(path)) for name, path in seeds.items()}
+        (out / "seed_digests.json").write_text(json.dumps(digests, indent=1) + "\n")
         for case in cases:
             seed, kind, target, a, b = case.split(":")
             name = f"{seed}-{kind}-{target.replace('/', '_')}-{a}-{b}".rstrip("-")
