@@ -263,6 +263,7 @@ class WorkbenchApp(LivePrompts, App[None]):
                 self.notify(f"view {type(widget).__name__} failed to follow the focus: {exc!r}",
                             severity="error", timeout=10)
 
+    @shows_damage
     def on_show_attention_head(self, message: ShowAttentionHead) -> None:
         """A plugin's view asked for a head's heatmap."""
         hooks = R.pattern_hooks(self.active_run)
@@ -381,6 +382,7 @@ class WorkbenchApp(LivePrompts, App[None]):
     def action_search(self) -> None:
         self.push_screen(SearchScreen(), self._search_done)
 
+    @shows_damage
     def _search_done(self, text: str | None) -> None:
         self.find_token(text)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workbench.errors import UserError
+from workbench.tui.state import shows_damage
 
 if TYPE_CHECKING:
     from workbench.models.model import Model
@@ -194,6 +195,7 @@ class LivePrompts:
         app.query_one("#progress-row").display = False
         app.notify(f"live prompt: {message}", severity="error", timeout=10)
 
+    @shows_damage
     def _live_done(self, state: LiveState, path: Path, seconds: float, started: float) -> None:
         from rich.text import Text
         from textual.widgets import OptionList
