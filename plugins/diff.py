@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from workbench_plugins import diff_math as M
@@ -28,8 +28,10 @@ from workbench_plugins import diff_math as M
 from workbench import hookimpl
 from workbench.analysis import Analysis, AnalysisContext, Param, Result
 from workbench.errors import UserError
-from workbench.store import Run, open_run
 from workbench.views import View, lazy_view
+
+if TYPE_CHECKING:
+    from workbench.store import Run
 
 LENS_BUDGET = 200_000
 """Token-layers ``lens=auto`` computes at most (each is a full-vocabulary readout per model)."""
@@ -50,6 +52,10 @@ def _other(run: Run, params: dict[str, Any]) -> Path:
 
 def inputs(run: Run, params: dict[str, Any]) -> dict[str, Any]:
     """The second run's identity: a new capture at its path computes the diff again."""
+    from workbench.store import (
+        open_run,  # h5py: not at import (commands like 'models' load every plugin)
+    )
+
     with open_run(_other(run, params)) as other:
         return {"other_run_id": other.run_id, "other_prompts": len(other)}
 
@@ -97,6 +103,8 @@ def pairs_of(a: Run, b: Run, n_a: int) -> tuple[str, list[M.Pair], list[dict[str
 
 def compute(ctx: AnalysisContext) -> Result:
     run = ctx.run
+    from workbench.store import open_run
+
     with open_run(_other(run, ctx.params)) as other:
         return _diff(ctx, run, other)
 
@@ -365,6 +373,7 @@ def register_commands(cli):  # type: ignore[no-untyped-def]
         import json
 
         from workbench.registries import analyze, build_analyses
+        from workbench.store import open_run
 
         other = os.path.abspath(os.path.expanduser(run_b))
         if not Path(other).exists() and not Path(other + ".partial").exists():

@@ -123,3 +123,13 @@ def test_the_corpus_of_found_cases(case, tmp_path, checker) -> None:
 
 def test_the_corpus_is_there() -> None:
     assert len(list(CORPUS.glob("*.tar.gz"))) >= 10
+
+
+def test_a_sharded_index_cannot_name_files_outside_its_folder(tmp_path) -> None:
+    from workbench.errors import UserError
+    from workbench.store.shards import confined
+
+    for bad in ("/etc/passwd", "../x.h5", "run.h5.shards/../../b.h5", ""):
+        with pytest.raises(UserError, match="outside its folder"):
+            confined(tmp_path / "run.h5", bad)
+    assert confined(tmp_path / "run.h5", "run.h5.shards/unit-00001.h5") == "run.h5.shards/unit-00001.h5"

@@ -277,6 +277,15 @@ def _write_virtual(out: Any, name: str, files: list[Any], entries: list[dict[str
     out.create_virtual_dataset(name, layout, fillvalue=0)
 
 
+def confined(where: Path, name: str) -> str:
+    """A unit file's name as an index records it: relative, inside the run's folder (a damaged or
+    hostile index must not make the reader open other files)."""
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or ".." in parts:
+        raise UserError(f"{where} is a damaged workbench run (a shard named {name[:80]!r} lies outside its folder)")
+    return name
+
+
 def check_shards(index: Path, f: Any, run_id: str,
                  keep: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Check every unit file the sharded index ``f`` (an open h5py file at ``index``) names:
@@ -286,9 +295,13 @@ def check_shards(index: Path, f: Any, run_id: str,
     open in it, by their name in the index (for :class:`DirectReads`)."""
     import h5py
 
-    entries: list[dict[str, Any]] = json.loads(f[META_SHARDS][()].decode("utf-8"))
+    from workbench.store import guard
+
+    entries: list[dict[str, Any]] = guard.json_doc(index, META_SHARDS, f[META_SHARDS][()], list)
     for e in entries:
-        path = index.parent / e["file"]
+        if not isinstance(e, dict):
+            raise guard.damaged(index, f"{META_SHARDS} holds a {type(e).__name__}, not a shard entry")
+        path = index.parent / confined(index, str(e["file"]))
         what = f"{index}: shard {e['file']} (unit {e['unit']}, prompts {e['first_prompt']}-" \
                f"{e['first_prompt'] + e['prompts'] - 1})"
         if not path.exists():
@@ -365,7 +378,7 @@ class DirectReads:
 
         f = self._files.get(file_name)
         if f is None:
-            f = self._files[file_name] = h5py.File(self.folder / file_name, "r")
+            f = self._files[file_name] = h5py.File(self.folder / confined(self.folder, file_name), "r")
         return f[dset]
 
     def close(self) -> None:
