@@ -207,7 +207,7 @@ def test_analyze_works_while_the_capture_is_still_writing(tmp_path):
     out = tmp_path / "live.h5"
     code = ("import workbench, sys\n"
             "m = workbench.load_model('tiny-gpt2', device='cpu', progress=False)\n"
-            "workbench.capture(m, ['prompt number %d ' % i * 3 for i in range(800)], hooks=['residual'],"
+            "workbench.capture(m, ['prompt number %d ' % i * 3 for i in range(300)], hooks=['residual'],"
             f" out={str(out)!r}, batch_size=1, progress=False)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     try:
@@ -228,7 +228,7 @@ def test_analyze_works_while_the_capture_is_still_writing(tmp_path):
         also_open = workbench.open_run(out)  # as the terminal UI would hold it
         [o] = analyze(run, [build_analyses().get("next-token")])
         n = o.stored.meta["n_prompts"]
-        assert o.ok and 0 < n < 800 and o.stored.data["n_prompts"] == n
+        assert o.ok and 0 < n < 300 and o.stored.data["n_prompts"] == n
         assert o.stored.path.parent == tmp_path / "live.h5.results"
         also_open.close()
         run.close()
@@ -239,7 +239,7 @@ def test_analyze_works_while_the_capture_is_still_writing(tmp_path):
     [old] = workbench.results(final)
     assert old.meta["run_id"] == final.run_id and not old.current(final)  # covers fewer prompts
     [o] = analyze(final, [build_analyses().get("next-token")])
-    assert o.status == "computed" and o.stored.data["n_prompts"] == 800
+    assert o.status == "computed" and o.stored.data["n_prompts"] == 300
 
 
 def test_cli_analyze_text_json_and_errors(workbench_make_run):
