@@ -26,14 +26,12 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from textual.binding import Binding, BindingType
-from textual.widgets import Static
 
-from workbench.kit import Window, bar, cell, legend, token_label
+from workbench.kit import PromptView, Window, bar, cell, legend, token_label
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
 
-    from workbench.kit import Focus
     from workbench.store.reader import Run
     from workbench.store.results import StoredResult
 
@@ -74,22 +72,22 @@ class Fitted:
         yield self.build(options.max_width)
 
 
-class DiffView(Static):
+class DiffView(PromptView):
+    """Follows the focus as every :class:`~workbench.kit.PromptView` does; its per-prompt records
+    are the result's pairs, by run A's prompt index."""
+
     BINDINGS: ClassVar[list[BindingType]] = [Binding("m", "toggle_measure", "rel L2 / 1−cos")]
     DEFAULT_CSS = "DiffView { height: auto; }"
     can_focus = True
+    records_key = "pairs"
+    index_key = "a"
 
     def __init__(self, stored: StoredResult, run: Run) -> None:
-        super().__init__()
-        self.stored = stored
-        self.run = run
-        self.data = stored.data
+        super().__init__(stored, run)
         self.arrays = stored.arrays
         self.pairs: list[dict[str, Any]] = self.data["pairs"]
         self.pair_of = {int(p["a"]): n for n, p in enumerate(self.pairs)}
         self.left_out = {int(p["a"]): p for p in self.data.get("left_out", [])}
-        self.prompt = int(self.pairs[0]["a"]) if self.pairs else 0
-        self.pos = 0
         self.measure = MEASURES[0]
         rows = [(k, r) for k, r in enumerate(self.data["token_hooks"]) if r["stream"] == MAIN]
         # last layer on top; hooks outside a block (embed, final norm) by where they come
@@ -99,16 +97,7 @@ class DiffView(Static):
         self.other_streams = len(self.data["token_hooks"]) - len(rows)
         self.heads = [(k, r) for k, r in enumerate(self.data["square_hooks"]) if r["stream"] == MAIN]
 
-    # --- following the focus ----------------------------------------------------------------
-
-    def on_mount(self) -> None:
-        self.update(self.draw())
-
-    def follow(self, run: Run, focus: Focus) -> None:
-        self.run = run
-        if (focus.prompt, focus.pos) != (self.prompt, self.pos):
-            self.prompt, self.pos = focus.prompt, focus.pos
-            self.update(self.draw())
+    # --- keys (following the focus: PromptView) ---------------------------------------------
 
     def action_toggle_measure(self) -> None:
         self.measure = MEASURES[(MEASURES.index(self.measure) + 1) % len(MEASURES)]

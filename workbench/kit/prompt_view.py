@@ -28,14 +28,19 @@ class PromptView(Static):
     DEFAULT_CSS = "PromptView { height: auto; }"
     window = 10
     """Positions shown by :meth:`columns`."""
+    records_key = "prompts"
+    """The list in ``data`` holding one record per prompt (a diff's is ``pairs``)."""
+    index_key = "index"
+    """The field of a record naming its prompt's index in the run (a diff pair's is ``a``)."""
 
     def __init__(self, stored: StoredResult, run: Run) -> None:
         super().__init__()
         self.stored = stored
         self.run = run
         self.data = stored.data
-        self.by_index: dict[int, dict[str, Any]] = {p["index"]: p for p in self.data["prompts"]}
-        self.prompt: int = self.data["prompts"][0]["index"] if self.data["prompts"] else 0
+        records = self.data[self.records_key]
+        self.by_index: dict[int, dict[str, Any]] = {int(p[self.index_key]): p for p in records}
+        self.prompt: int = int(records[0][self.index_key]) if records else 0
         self.pos: int = 0
 
     def on_mount(self) -> None:
