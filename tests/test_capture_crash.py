@@ -295,7 +295,14 @@ def test_a_full_disk_mid_capture_is_one_line_and_resume_completes_the_run(tmp_pa
         return real_write(self, name, values)
 
     monkeypatch.setattr(RunWriter, "write_act", filling)
-    llama = tiny_models["tiny-llama"]
+    _fill_then_resume(tiny_models["tiny-llama"], prompts_file, ref, out,
+                      free_space=lambda: monkeypatch.setattr(RunWriter, "write_act", real_write))
+    assert not (tmp_path / "run.h5.lock").exists()
+
+
+def _fill_then_resume(llama, prompts_file, ref, out, free_space) -> None:  # type: ignore[no-untyped-def]
+    """Capture until the disk is full: one line naming the committed prompts, which read back
+    exactly; then ``free_space()`` and ``--resume``: equal to an uninterrupted capture."""
     with pytest.raises(UserError, match=r"no space left on .*: \d+ prompts committed in run.h5.partial; "
                                         "resume with --resume after freeing space") as info:
         workbench.capture(llama, prompts_file, hooks=HOOKS, out=out, batch_size=BATCH, commit_seconds=0,
@@ -305,14 +312,13 @@ def test_a_full_disk_mid_capture_is_one_line_and_resume_completes_the_run(tmp_pa
         n = len(run)
         assert run.status == "interrupted" and 0 < n < len(ref) and f" {n} prompts" in str(info.value)
         assert_prompts_equal(run, ref, range(n))
-    monkeypatch.setattr(RunWriter, "write_act", real_write)
+    free_space()
     result = workbench.capture(llama, prompts_file, hooks=HOOKS, out=out, batch_size=BATCH,
                                resume=True, progress=False)
     assert result.resumed_from == n
     with workbench.open_run(out) as run:
         assert run.status == "complete" and len(run) == len(ref)
         assert_prompts_equal(run, ref, range(len(ref)))
-    assert not (tmp_path / "run.h5.lock").exists()
 
 
 def _mount_tmpfs(folder: Path, size: int) -> bool:
@@ -333,24 +339,8 @@ def test_a_really_full_filesystem_mid_capture_then_resume(tmp_path, reference, t
     if not _mount_tmpfs(small, ref.size_bytes() // 2):
         pytest.skip("needs root and permission to mount a tmpfs")
     try:
-        out = small / "run.h5"
-        llama = tiny_models["tiny-llama"]
-        with pytest.raises(UserError, match=r"no space left on .*: \d+ prompts committed in run.h5.partial; "
-                                            "resume with --resume after freeing space") as info:
-            workbench.capture(llama, prompts_file, hooks=HOOKS, out=out, batch_size=BATCH,
-                              commit_seconds=0, progress=False)
-        assert "\n" not in str(info.value)
-        with workbench.open_run(out) as run:
-            n = len(run)
-            assert 0 < n < len(ref) and f" {n} prompts" in str(info.value)
-            assert_prompts_equal(run, ref, range(n))
-        subprocess.run(["mount", "-o", f"remount,size={4 * ref.size_bytes()}", str(small)], check=True)
-        result = workbench.capture(llama, prompts_file, hooks=HOOKS, out=out, batch_size=BATCH,
-                                   resume=True, progress=False)
-        assert result.resumed_from == n
-        with workbench.open_run(out) as run:
-            assert run.status == "complete" and len(run) == len(ref)
-            assert_prompts_equal(run, ref, range(len(ref)))
+        _fill_then_resume(tiny_models["tiny-llama"], prompts_file, ref, small / "run.h5", free_space=lambda: (
+            subprocess.run(["mount", "-o", f"remount,size={4 * ref.size_bytes()}", str(small)], check=True)))
         assert sorted(p.name for p in small.iterdir()) == ["run.h5"]
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
