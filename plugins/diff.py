@@ -117,7 +117,7 @@ def _diff(ctx: AnalysisContext, a: Run, b: Run) -> Result:
     hooks = common_hooks(a, b)
     how, pairs, left = pairs_of(a, b, ctx.n_prompts)
     arrays: dict[str, np.ndarray] = {}
-    streams = {s: np.cumsum([0] + [len(a.tokens(p.a, s)) for p in pairs]) for s in a.streams}
+    streams = {s: np.cumsum([0] + [a.n_tokens(p.a, s) for p in pairs]) for s in a.streams}
     for s, off in streams.items():
         arrays[f"offsets.{s}"] = off.astype(np.int64)
     token_hooks = [h for h in hooks if a.hooks[h].layout == "token"]
@@ -125,8 +125,12 @@ def _diff(ctx: AnalysisContext, a: Run, b: Run) -> Result:
     total = len(token_hooks) + len(square_hooks)
     hook_rows = []
     for k, h in enumerate(token_hooks):
-        rel = np.concatenate([M.rel_l2(a.activation(h, p.a), b.activation(h, p.b)) for p in pairs])
-        cos = np.concatenate([M.cosine(a.activation(h, p.a), b.activation(h, p.b)) for p in pairs])
+        rels, coss = [], []
+        for p in pairs:  # each activation read once, for both measures
+            xa, xb = a.activation(h, p.a), b.activation(h, p.b)
+            rels.append(M.rel_l2(xa, xb))
+            coss.append(M.cosine(xa, xb))
+        rel, cos = np.concatenate(rels), np.concatenate(coss)
         arrays[f"rel_l2.{k}"], arrays[f"cos.{k}"] = rel.astype(np.float32), cos.astype(np.float32)
         hook_rows.append({"hook": h, "layer": layer_of(h), "stream": a.hooks[h].stream_of_rows(),
                           "rel_l2": M.summary(rel), "cos": M.summary(cos)})
@@ -163,12 +167,13 @@ def _lm(a: Run, b: Run, pairs: list[M.Pair], arrays: dict[str, np.ndarray]) -> d
     """Next-token distributions from the stored top-k: KL lower bound, loss change, moved tokens."""
     if not (a.has_lm_outputs and b.has_lm_outputs) or a.lm_stream != b.lm_stream:
         return None
-    kls, dloss, moved = [], [], []
+    kls, loss_a, loss_b, moved = [], [], [], []
     for n, p in enumerate(pairs):
         ia, la = a.top_k(p.a)
         ib, lb = b.top_k(p.b)
         kls.append(M.kl_topk(ia, la, ib, lb))
-        dloss.append(b.loss(p.b).astype(np.float64) - a.loss(p.a).astype(np.float64))
+        loss_a.append(a.loss(p.a).astype(np.float64))
+        loss_b.append(b.loss(p.b).astype(np.float64))
         for t in range(len(ia)):
             pa = dict(zip(ia[t].tolist(), np.exp(la[t].astype(np.float64)).tolist(), strict=True))
             pb = dict(zip(ib[t].tolist(), np.exp(lb[t].astype(np.float64)).tolist(), strict=True))
@@ -179,21 +184,16 @@ def _lm(a: Run, b: Run, pairs: list[M.Pair], arrays: dict[str, np.ndarray]) -> d
                 if change:
                     moved.append((abs(change), n, t, tok, x, y))
     kl = np.concatenate(kls)
-    dl = np.concatenate(dloss)
+    la_all, lb_all = np.concatenate(loss_a), np.concatenate(loss_b)
+    dl = lb_all - la_all
     arrays["kl_topk"], arrays["dloss"] = kl.astype(np.float32), dl.astype(np.float32)
     moved.sort(key=lambda m: -m[0])
     top = []
     for _, n, t, tok, x, y in moved[:20]:
         top.append({"pair": n, "position": t, "token": a.token_strings([tok])[0], "id": int(tok),
                     "p_a": x, "p_b": y})
-    return {"kl_topk": M.summary(kl), "dloss": M.summary(dl), "mean_loss_a": _nanmean(a, pairs, "a"),
-            "mean_loss_b": _nanmean(b, pairs, "b"), "moved": top}
-
-
-def _nanmean(run: Run, pairs: list[M.Pair], side: str) -> float | None:
-    v = np.concatenate([run.loss(getattr(p, side)).astype(np.float64) for p in pairs])
-    v = v[np.isfinite(v)]
-    return float(v.mean()) if len(v) else None
+    return {"kl_topk": M.summary(kl), "dloss": M.summary(dl), "mean_loss_a": M.summary(la_all)["mean"],
+            "mean_loss_b": M.summary(lb_all)["mean"], "moved": top}
 
 
 def _lens(ctx: AnalysisContext, a: Run, b: Run, pairs: list[M.Pair], arrays: dict[str, np.ndarray]
