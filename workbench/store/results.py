@@ -39,6 +39,7 @@ import numpy as np
 
 from workbench.errors import UserError
 from workbench.paths import fsync_dir
+from workbench.store import guard
 from workbench.store.files import disk_full, final_name
 from workbench.version import __version__
 
@@ -150,7 +151,7 @@ class StoredResult:
 def _array(ds: Any, path: Path) -> np.ndarray:
     """A stored array, refused if it claims more than gzip could have packed into the file (a
     damaged or hostile shape must not allocate terabytes)."""
-    limit = 1100 * path.stat().st_size + (1 << 20)  # deflate's best ratio is ~1032:1
+    limit = guard.DEFLATE_MAX * path.stat().st_size + (1 << 20)
     if getattr(ds, "size", 0) * ds.dtype.itemsize > limit:
         raise ValueError(f"array {ds.name} claims {ds.shape} of {ds.dtype}")
     return ds[()]  # type: ignore[no-any-return]
