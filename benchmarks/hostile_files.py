@@ -41,11 +41,9 @@ def main() -> None:
     models = {n: workbench.load_model(n, device="cpu", progress=False) for n in ("tiny-gpt2", "tiny-t5")}
     seeds = make_seeds(work, models)
     names = {k: H.dataset_names(v) for k, v in seeds.items()}
-    checker0 = H.Checker()
-    digests = {k: checker0.check(v)["digest"] for k, v in seeds.items()}
-    checker0.close()
     rng = random.Random(args.seed)
     checker = H.Checker()
+    digests = {k: checker.check(v)["digest"] for k, v in seeds.items()}
     outcomes: collections.Counter[str] = collections.Counter()
     kinds: collections.Counter[str] = collections.Counter()
     broken: list[tuple[str, list[str]]] = []
