@@ -47,6 +47,14 @@ class CapturePlan:
     first_index: int = 0
     """The capture-wide index of ``prompts[0]``: a sharded capture's unit starts further on
     (each prompt's sampling seed follows its capture-wide index)."""
+    chat: dict[str, Any] | None = None
+    """A chat capture: the template recorded (:func:`workbench.models.chat.chat_record`); the
+    prompts' texts are already laid out by it and are tokenized with the BOS policy ``none``."""
+
+    @property
+    def bos(self) -> str:
+        """The BOS policy the prompts are tokenized with."""
+        return "none" if self.chat else self.model.bos
 
     @property
     def family(self) -> str:
@@ -169,13 +177,14 @@ class CapturePlan:
 # --- planning -------------------------------------------------------------------------------------
 
 
-def tokenize(model: Model, prompts: list[Prompt], truncate: bool, extra: int
+def tokenize(model: Model, prompts: list[Prompt], truncate: bool, extra: int, bos: str | None = None
               ) -> tuple[list[list[int]], list[str]]:
-    """Token ids of every prompt; ``extra`` tokens (generation) must fit in the context too."""
+    """Token ids of every prompt (under ``bos``, else the model's policy); ``extra`` tokens
+    (generation) must fit in the context too."""
     n_ctx = model.info.n_ctx
     out, truncated = [], []
     for p in prompts:
-        ids = model.tokenize(p.text)
+        ids = model.tokenize(p.text, bos=bos)  # type: ignore[arg-type]
         if n_ctx and len(ids) + extra > n_ctx:
             room = n_ctx - extra
             if not truncate or room < 1:
@@ -188,7 +197,7 @@ def tokenize(model: Model, prompts: list[Prompt], truncate: bool, extra: int
             truncated.append(p.id)
         corrupted = p.metadata.get("corrupted")
         if corrupted is not None:
-            n_corrupted = len(model.tokenize(corrupted))
+            n_corrupted = len(model.tokenize(corrupted, bos=bos))  # type: ignore[arg-type]
             if n_corrupted != len(ids):
                 raise UserError(
                     f"prompt {p.id!r}: its corrupted prompt has {n_corrupted} tokens, the prompt "
@@ -230,12 +239,14 @@ def make_plan(
     truncate: bool,
     generation: Generation | None = None,
     first_index: int = 0,
+    chat: dict[str, Any] | None = None,
 ) -> CapturePlan:
     if generation is not None and model.family != "decoder":
         raise UserError(f"--generate works with decoder models; {model.name} is an {model.family}")
     if generation is not None and not model.info.has_lm_head:
         raise UserError(f"{model.name} has no trained language-model head to generate with")
-    token_ids, truncated = tokenize(model, prompts, truncate, generation.n if generation else 0)
+    token_ids, truncated = tokenize(model, prompts, truncate, generation.n if generation else 0,
+                                    bos="none" if chat else None)
     dec_ids = targets = None
     if model.family == "encoder-decoder":
         dec_ids, targets = decoder_sequences(model, prompts)
@@ -247,7 +258,7 @@ def make_plan(
                        storage_dtype=storage_dtype, compression=compression,
                        predictions=predictions, batch_size=batch_size, truncated=truncated,
                        dec_ids=dec_ids, targets=targets, generation=generation,
-                       first_index=first_index)
+                       first_index=first_index, chat=chat)
 
 
 def package_version(distribution: str, module: Any = None) -> str:
@@ -292,7 +303,8 @@ def build_settings(plan: CapturePlan, hooks_requested: list[str], truncate: bool
         top_k=plan.predictions,
         lm_target=plan.lm_target,
         batch_size=plan.batch_size,
-        bos=model.bos,
+        bos=plan.bos,
+        chat=plan.chat,
         truncate=truncate,
         generation=plan.generation.to_dict() if plan.generation else None,
         padding=padding,

@@ -1,7 +1,9 @@
 """Prompts: from the command line, a text file (one per line) or JSONL.
 
 JSONL lines are objects with ``prompt`` (required) and ``id`` (optional); every other field is kept
-as per-prompt metadata. Three fields have a meaning every analysis understands:
+as per-prompt metadata. For a chat model a line may carry ``messages`` (a list of ``{"role",
+"content"}``) instead of ``prompt``; ``--chat`` lays every prompt out with the model's chat
+template (:func:`chat_prompts`). Three fields have a meaning every analysis understands:
 
 - ``answer``: the expected next token or text;
 - ``wrong``: a contrasting answer, for logit differences (``answer`` minus ``wrong``);
@@ -16,12 +18,17 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workbench.errors import UserError
+from workbench.models.chat import check_messages, user_turn
 from workbench.store.schema import default_prompt_id
 
-__all__ = ["TASK_FIELDS", "Prompt", "command_line_prompts", "default_prompt_id", "normalize"]
+if TYPE_CHECKING:
+    from workbench.models.model import Model
+
+__all__ = ["TASK_FIELDS", "Prompt", "chat_prompts", "command_line_prompts", "default_prompt_id", "normalize",
+           "refuse_messages"]
 
 TASK_FIELDS = ("answer", "wrong", "corrupted")
 
@@ -42,8 +49,14 @@ def _check_metadata(meta: dict[str, Any], where: str) -> None:
 
 
 def from_mapping(obj: Mapping[str, Any], index: int, where: str) -> Prompt:
+    if "messages" in obj:
+        if "prompt" in obj:
+            raise UserError(f"{where}: give either 'prompt' or 'messages', not both")
+        messages = check_messages(obj["messages"], where)
+        # The text until the chat template lays the conversation out (chat_prompts).
+        obj = {**obj, "prompt": messages[-1]["content"] or "(empty message)", "messages": messages}
     if "prompt" not in obj:
-        raise UserError(f"{where}: no 'prompt' field")
+        raise UserError(f"{where}: no 'prompt' field (or 'messages', for a chat model)")
     text = obj["prompt"]
     if not isinstance(text, str):
         raise UserError(f"{where}: 'prompt' must be a string")
@@ -142,3 +155,35 @@ def normalize(prompts: Iterable[str | Prompt | Mapping[str, Any]] | str | Path) 
             raise UserError(f"duplicate prompt id {p.id!r} (prompts {seen[p.id]} and {i})")
         seen[p.id] = i
     return items
+
+
+def refuse_messages(prompts: list[Prompt]) -> None:
+    """Without ``--chat``, a prompt given as ``messages`` cannot be captured: a UserError."""
+    for p in prompts:
+        if "messages" in p.metadata:
+            raise UserError(f"prompt {p.id!r} is a conversation ('messages'): capture it with --chat "
+                            "(the model's chat template lays it out)")
+
+
+def chat_prompts(model: Model, prompts: list[Prompt]) -> list[Prompt]:
+    """Every prompt laid out by ``model``'s chat template, the assistant's turn opened: its text
+    becomes the template's text (whose tokens, under the BOS policy ``none``, are exactly
+    ``apply_chat_template``'s), its conversation is kept as the ``messages`` field, and a
+    ``corrupted`` text (patching) is laid out the same way as the last user turn
+    (``corrupted_message`` keeps it as given)."""
+    out = []
+    for p in prompts:
+        messages = p.metadata.get("messages") or user_turn(p.text)
+        meta = {**p.metadata, "messages": messages}
+        corrupted = meta.get("corrupted")
+        if corrupted is not None:
+            last = max(j for j, m in enumerate(messages) if m["role"] == "user") if any(
+                m["role"] == "user" for m in messages) else None
+            if last is None:
+                raise UserError(f"prompt {p.id!r}: 'corrupted' replaces the last user turn, and it has none")
+            swapped = [dict(m) for m in messages]
+            swapped[last]["content"] = corrupted
+            meta["corrupted_message"] = corrupted
+            meta["corrupted"] = model.chat_text(swapped)
+        out.append(Prompt(text=model.chat_text(messages), id=p.id, metadata=meta))
+    return out

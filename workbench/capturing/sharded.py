@@ -127,13 +127,14 @@ def capture_sharded(
     resume: bool,
     show_progress: bool,
     commit_seconds: float,
+    chat: dict[str, Any] | None = None,
 ) -> CaptureResult:
     """The sharded capture (see the module docstring); arguments as
     :func:`~workbench.capturing.entry.capture`'s, already checked; ``model`` is the driver's
     (loaded by ``loader``, which every worker calls too)."""
     plan = make_plan(model, items, hooks, storage_dtype=storage_dtype, compression=compression,
                      predictions=predictions, batch_size=batch_size, truncate=truncate,
-                     generation=generation)
+                     generation=generation, chat=chat)
     for line in plan.summary():
         print(f"workbench: {line}", file=sys.stderr)
     settings = build_settings(plan, hooks, truncate).to_dict()

@@ -119,7 +119,8 @@ class UnitWorker:
             plan = make_plan(self.model, job.prompts, job.hooks, storage_dtype=job.storage_dtype,
                              compression=job.compression, predictions=job.predictions,
                              batch_size=job.batch_size, truncate=job.truncate,
-                             generation=job.generation, first_index=unit.start)
+                             generation=job.generation, first_index=unit.start,
+                             chat=job.settings.get("chat"))
             result = write_run(
                 plan, path, RunSettings.from_dict(job.settings), resume=True, show_progress=False,
                 commit_seconds=job.commit_seconds, stop=self._stop,

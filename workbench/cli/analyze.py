@@ -142,8 +142,11 @@ class _Progress:
 @click.option("--device", default="auto", show_default=True,
               help="Where analyses that run the model run it: cpu, cuda, cuda:N or auto.")
 @click.option("--list", "list_only", is_flag=True, help="List the analyses and their parameters.")
+@click.option("--chat", is_flag=True,
+              help="Check that RUN was captured with --chat. Analyses always follow the run: its prompts "
+                   "are the chat template's tokens, and a reloaded model reads them so.")
 def analyze_cmd(run_path: str | None, names: tuple[str, ...], param_items: tuple[str, ...],
-                as_json: bool, force: bool, device: str, list_only: bool) -> None:
+                as_json: bool, force: bool, device: str, list_only: bool, chat: bool) -> None:
     """Run analyses over RUN and store their results beside it (RUN.h5.results/).
 
     With no NAME, every analysis whose inputs the run holds, except those that need a parameter
@@ -166,6 +169,9 @@ def analyze_cmd(run_path: str | None, names: tuple[str, ...], param_items: tuple
     for name in params:
         registry.get(name)
     with open_run(run_path) as run:
+        if chat and not run.capture_settings.chat:
+            raise UserError(f"{run.final_path.name} was not captured with --chat: its prompts are plain text "
+                            "(capture again with --chat to study the chat layout)")
         if names:
             chosen = [registry.get(n) for n in dict.fromkeys(names)]
         else:

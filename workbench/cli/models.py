@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from workbench.cli.base import BOS_CHOICE, cli, load_with_spinner, make_console, model_option
+from workbench.errors import UserError
 from workbench.hooknames import collapse_layers
 
 # --- models -------------------------------------------------------------------------------------
@@ -188,16 +189,23 @@ def print_prediction(console: Any, pred: Any, show_ids: bool, table: Any = None)
               help="How many tokens to show.")
 @click.option("--ids", "show_ids", is_flag=True, help="Show token ids beside the tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--chat", is_flag=True,
+              help="Each PROMPT is a user's turn, laid out by the model's chat template; the prediction "
+                   "opens the assistant's reply.")
 def predict_cmd(prompts: tuple[str, ...], model_name: str, device: str, bos: str | None,
-                k: int, show_ids: bool, as_json: bool) -> None:
+                k: int, show_ids: bool, as_json: bool, chat: bool) -> None:
     """Show how each PROMPT is tokenized and the model's top next-token predictions.
 
-    Encoders predict the token at [MASK]; encoder-decoders their first output token.
+    Encoders predict the token at [MASK]; encoder-decoders their first output token. With
+    --chat the prompt is what a user says to a chat model (SmolLM2-135M-Instruct is one).
     """
+    if chat and bos not in (None, "none"):
+        raise UserError(f"--chat lays the prompt out with the chat template, which writes its own special "
+                        f"tokens: drop --bos {bos}")
     from workbench.store.tokens_display import TokenTable, show_tokens
 
     model = load_with_spinner(model_name, device, bos)
-    preds = [model.predict(p, k=k) for p in prompts]
+    preds = [model.predict(p, k=k, chat=chat) for p in prompts]
     table = TokenTable.from_pieces(model.vocab_bytes(), model.special_ids())
     if as_json:
         out = []

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from workbench.errors import UserError
+from workbench.models import chat as chat_format
 from workbench.models import token_bytes
 from workbench.models.registry import BOS_POLICIES, BosPolicy, Family, ModelSource, Provenance
 
@@ -205,6 +206,15 @@ class Model:
         if not ids:
             raise UserError(f"prompt {text!r} has no tokens")
         return [int(i) for i in ids]
+
+    def chat_text(self, messages: list[dict[str, str]]) -> str:
+        """A conversation as its chat template lays it out (:mod:`workbench.models.chat`)."""
+        return chat_format.render(self.tokenizer, messages, self.name)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation: exactly the tokenizer's ``apply_chat_template`` with the
+        assistant's turn opened (the template writes its own special tokens; no BOS policy)."""
+        return chat_format.chat_ids(self.tokenizer, messages, self.name)
 
     def str_tokens(self, ids: list[int]) -> list[str]:
         """Each token decoded on its own (as TransformerLens' ``to_str_tokens``)."""
@@ -413,15 +423,19 @@ class Model:
                 f"{self.name} has no trained language-model head: its predictions would be noise"
             )
 
-    def predict(self, text: str, *, k: int = 10, bos: BosPolicy | None = None) -> Prediction:
+    def predict(self, text: str, *, k: int = 10, bos: BosPolicy | None = None, chat: bool = False) -> Prediction:
         """Top-``k`` tokens the model predicts after ``text`` (decoder), as the first output token
-        (encoder-decoder), or at the first mask token (encoder)."""
+        (encoder-decoder), or at the first mask token (encoder). ``chat``: ``text`` is a user's
+        turn, laid out by the model's chat template (the prediction opens the assistant's reply)."""
         import torch
 
         self._require_lm_head()
         if k < 1:
             raise UserError("k must be at least 1")
-        ids = self.tokenize(text, bos=bos)
+        if chat:
+            ids = self.chat_ids(chat_format.user_turn(text))
+        else:
+            ids = self.tokenize(text, bos=bos)
         if self.info.n_ctx and len(ids) > self.info.n_ctx:
             raise UserError(
                 f"prompt has {len(ids)} tokens; {self.name} accepts at most {self.info.n_ctx}"
@@ -456,8 +470,9 @@ class Model:
                 TopToken(int(i), self.tokenizer.decode([int(i)]), float(p), float(logits[i]))
                 for p, i in zip(top.values, top.indices)
             ],
-            bos_policy=bos or self.bos,
+            bos_policy="none" if chat else (bos or self.bos),
             kind=kind,
+            extra={"chat_text": self.chat_text(chat_format.user_turn(text))} if chat else {},
         )
 
     def __repr__(self) -> str:

@@ -68,6 +68,9 @@ class RunSettings:
     bos: str | None = None
     """The BOS policy prompts were tokenized with; ``None`` in runs that did not record it (a
     reload then uses the model source's default)."""
+    chat: dict[str, Any] | None = None
+    """A chat capture (``--chat``): the chat template the prompts were laid out with, its
+    SHA-256, and the tokenizer's special tokens; ``None`` for plain text."""
     truncate: bool = False
     generation: dict[str, Any] | None = None
     padding: str = ""
@@ -100,7 +103,7 @@ class RunSettings:
             raise NewerSettings(f"its settings are version {version}; this workbench reads up to "
                                 f"{SETTINGS_VERSION} (upgrade workbench)")
         known = {f.name for f in fields(cls)}
-        nullable = {"model_hooks", "compression", "generation"}
+        nullable = {"model_hooks", "compression", "generation", "chat"}
         values = {k: v for k, v in doc.items() if k in known and (v is not None or k in nullable)}
         recorded = doc.get("model") or {}
         values["model"] = RecordedModel(

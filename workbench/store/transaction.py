@@ -44,7 +44,7 @@ from workbench.store.writer import RunWriter
 from workbench.version import __version__
 
 RESUME_KEYS = ("model", "family", "hooks", "storage_dtype", "compression", "top_k", "batch_size",
-               "bos", "truncate", "gates", "generation")
+               "bos", "truncate", "gates", "generation", "chat")
 """Settings a resumed capture must share with the capture it continues."""
 
 
