@@ -259,4 +259,5 @@ def register_analyses(register):  # type: ignore[no-untyped-def]
 @hookimpl
 def register_views(register):  # type: ignore[no-untyped-def]
     register(View(name="feature-dashboard", analysis="features", title="SAE features: list, dashboard, fires here",
-                  make=lazy_view("workbench_plugins.features_view", "FeaturesView")))
+                  make=lazy_view("workbench_plugins.features_view", "FeaturesView"),
+                  figure=lazy_view("workbench_plugins.figures", "feature_dashboard")))

@@ -476,11 +476,12 @@ def register_analyses(register):  # type: ignore[no-untyped-def]
 
 @hookimpl
 def register_views(register):  # type: ignore[no-untyped-def]
-    for name, analysis, title, widget in (
-        ("lens-grid", "logit-lens", "logit lens grid (layers x positions)", "LensGridView"),
-        ("dla-bars", "dla", "direct logit attribution bars", "DLAView"),
-        ("neuron-panel", "neurons", "top neurons", "NeuronsView"),
-        ("distribution-live", "distribution", "next-token distribution (live temperature)", "DistributionView"),
+    for name, analysis, title, widget, figure in (
+        ("lens-grid", "logit-lens", "logit lens grid (layers x positions)", "LensGridView", "lens_grid"),
+        ("dla-bars", "dla", "direct logit attribution bars", "DLAView", "dla_bars"),
+        ("neuron-panel", "neurons", "top neurons", "NeuronsView", None),
+        ("distribution-live", "distribution", "next-token distribution (live temperature)", "DistributionView", None),
     ):
         register(View(name=name, analysis=analysis, title=title,
-                      make=lazy_view("workbench_plugins.lens_view", widget)))
+                      make=lazy_view("workbench_plugins.lens_view", widget),
+                      figure=lazy_view("workbench_plugins.figures", figure) if figure else None))

@@ -191,6 +191,16 @@ def _vec(run: Run, hook: str, i: int, pos: int) -> np.ndarray:
     return run.activation(hook, i)[pos].astype(np.float64)
 
 
+def _mlp_vec(run: Run, layer: int, i: int, pos: int) -> np.ndarray:
+    """Layer ``layer``'s stored ``hook_mlp_out`` at one position; zeros for a model without MLPs
+    (an attention-only toy: the run records every hook name of its model, and none is an MLP's)."""
+    hook = f"blocks.{layer}.hook_mlp_out"
+    model_hooks = run.capture_settings.model_hooks
+    if hook not in run.hooks and model_hooks is not None and hook not in model_hooks:
+        return np.zeros(int(run.model_info["d_model"]))
+    return _vec(run, hook, i, pos)
+
+
 def _scale(run: Run, hook: str, i: int, pos: int) -> float:
     """A norm's stored ``hook_scale`` at one position."""
     return float(run.activation(hook, i)[pos].reshape(-1)[0])
@@ -229,7 +239,7 @@ def check_pre_norm(run: Run, i: int = 0, pos: int = -1) -> float:
     if "hook_pos_embed" in run.aliases:
         total = total + _vec(run, "hook_pos_embed", i, pos)
     for layer in range(n_layers):
-        total += _vec(run, f"blocks.{layer}.hook_attn_out", i, pos) + _vec(run, f"blocks.{layer}.hook_mlp_out", i, pos)
+        total += _vec(run, f"blocks.{layer}.hook_attn_out", i, pos) + _mlp_vec(run, layer, i, pos)
     err = _rel(total - final, final)
     if err > 1e-3:
         raise UserError(f"in {name} the final residual stream is not embed + attention + MLP outputs "
@@ -269,7 +279,7 @@ def attribute(run: Run, ro: Readout, i: int, pos: int, target: int, wrong: int |
         attn_error = max(attn_error, _rel(per_head.sum(0) + bias_vec - stored, stored))
         heads.append(term(per_head))
         attn_bias[layer] = float(term(bias_vec))
-        mlp_vec = _vec(run, f"blocks.{layer}.hook_mlp_out", i, pos)
+        mlp_vec = _mlp_vec(run, layer, i, pos)
         mlp[layer] = float(term(mlp_vec))
         resid_sum += stored + mlp_vec
     final = final_resid[0].astype(np.float64)

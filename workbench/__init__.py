@@ -5,10 +5,14 @@ Public API (imported lazily: ``import workbench`` does not import torch)::
     import workbench
     model = workbench.load_model("smollm2-135m")
     model.predict("The capital of France is").top[0].token   # ' Paris'
+
+In Jupyter, runs and stored results display themselves, and ``workbench.show(run, "attention",
+layer=3, head=1)`` returns a figure (:mod:`workbench.notebook`).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from workbench.errors import UserError
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
     from workbench.models.model import Model, ModelInfo, Prediction
     from workbench.store import Run, open_run
     from workbench.views import View
+    from workbench.notebook import show
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -52,6 +57,7 @@ __all__ = [
     "open_run",
     "result",
     "results",
+    "show",
 ]
 
 _LAZY = {
@@ -76,6 +82,7 @@ _LAZY = {
     "Prompt": "workbench.capturing",
     "open_run": "workbench.store",
     "Run": "workbench.store",
+    "show": "workbench.notebook",
 }
 
 
@@ -86,3 +93,41 @@ def __getattr__(name: str) -> Any:
     import importlib
 
     return getattr(importlib.import_module(module), name)
+
+
+def _display_in_ipython() -> None:
+    """Where IPython runs (Jupyter), show runs and stored results as HTML: formatters registered
+    by type *name*, so nothing is imported until one is displayed (:mod:`workbench.notebook`)."""
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
+    formatters = getattr(getattr(shell, "display_formatter", None), "formatters", None)
+    if not formatters or "text/html" not in formatters:
+        return
+
+    def run_html(run: Any) -> str:
+        from workbench.notebook import run_html
+
+        return run_html(run)
+
+    def result_html(stored: Any) -> str:
+        from workbench.notebook import result_html
+
+        return result_html(stored)
+
+    def figure_png(fig: Any) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        return buf.getvalue()
+
+    formatters["text/html"].for_type_by_name("workbench.store.reader", "Run", run_html)
+    formatters["text/html"].for_type_by_name("workbench.store.results", "StoredResult", result_html)
+    # workbench's figures are made without pyplot, so matplotlib's inline backend may not have
+    # registered its own formatter; a formatter it registers later takes precedence.
+    png = formatters.get("image/png")
+    if png is not None:
+        png.for_type_by_name("matplotlib.figure", "Figure", figure_png)
+
+
+_display_in_ipython()

@@ -1,5 +1,6 @@
-"""``workbench plot``: heatmaps of a stored run as image files, with matplotlib (an optional
-dependency: ``pip install 'workbench[plot]'``)."""
+"""``workbench plot`` and ``workbench.show``: heatmaps of a stored run as matplotlib figures (an
+optional dependency: ``pip install 'workbench[plot]'``), saved as image files or shown in Jupyter.
+Figures are made without pyplot, so a notebook's backend is left alone."""
 
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ if TYPE_CHECKING:
     from workbench.store.reader import Run
 
 
-def _pyplot() -> Any:
+def _figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib Figure with one Axes, made without pyplot: no global state, no backend
+    switched (Jupyter's inline backend stays as it is); ``Figure.savefig`` draws with Agg."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
-        raise UserError("workbench plot needs matplotlib: pip install 'workbench[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+        raise UserError("figures need matplotlib: pip install 'workbench[plot]'") from None
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
 
 
 def _check_prompt(run: Run, i: int) -> None:
@@ -45,10 +46,18 @@ def _save(fig: Any, out: str) -> None:
 
 def plot_attention(run: Run, i: int, out: str, *, hook: str | None = None, layer: int | None = None,
                    head: int = 0) -> list[str]:
+    """:func:`attention_figure` saved to ``out``; returns its notes."""
+    fig, notes = attention_figure(run, i, hook=hook, layer=layer, head=head)
+    _save(fig, out)
+    return notes
+
+
+def attention_figure(run: Run, i: int, *, hook: str | None = None, layer: int | None = None,
+                     head: int = 0) -> tuple[Any, list[str]]:
     """One head's attention pattern for prompt ``i``: queries down, keys across, weight in
     colour; exactly-zero cells (the causal mask) left white. A scores hook
     (``hook_attn_scores``) is drawn as scores: its own colour range, masked cells white. Returns
-    notes for the user (e.g. that a model's ``hook_attn_scores`` is its pattern)."""
+    the figure and notes for the user (e.g. that a model's ``hook_attn_scores`` is its pattern)."""
     from workbench.store.attention_steps import MASKED_BELOW, is_scores_hook
     from workbench.store.depth import pattern_hooks
 
@@ -77,7 +86,6 @@ def plot_attention(run: Run, i: int, out: str, *, hook: str | None = None, layer
         raise UserError(f"head {head} does not exist: {hook} has heads 0..{pattern.shape[0] - 1}")
     q_tokens, k_tokens = ([t.label for t in run.display_tokens(i, s)]
                           for s in run.resolve(hook).square_streams())
-    plt = _pyplot()
     raw = pattern[head].astype(np.float64)
     if scores:
         values = np.ma.masked_where(raw <= MASKED_BELOW, raw)
@@ -87,7 +95,7 @@ def plot_attention(run: Run, i: int, out: str, *, hook: str | None = None, layer
         values = np.ma.masked_equal(raw, 0.0)
         vmin, vmax, cmap, label = 0.0, 1.0, "viridis", "attention weight"
     size = max(4.0, 0.28 * max(len(q_tokens), len(k_tokens)) + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig, ax = _figure((size + 1, size))
     image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_xticks(range(len(k_tokens)), _labels(k_tokens), rotation=90, fontsize=7)
     ax.set_yticks(range(len(q_tokens)), _labels(q_tokens), fontsize=7)
@@ -95,16 +103,21 @@ def plot_attention(run: Run, i: int, out: str, *, hook: str | None = None, layer
     ax.set_ylabel("query")
     ax.set_title(f"{hook}, head {head} — prompt {i}", fontsize=9)
     fig.colorbar(image, ax=ax, label=label, shrink=0.8)
-    _save(fig, out)
-    plt.close(fig)
-    return notes
+    return fig, notes
 
 
 def plot_residual(run: Run, i: int, out: str, *, log: bool = True, sink: str = "auto") -> list[str]:
+    """:func:`residual_figure` saved to ``out``; returns its notes."""
+    fig, notes = residual_figure(run, i, log=log, sink=sink)
+    _save(fig, out)
+    return notes
+
+
+def residual_figure(run: Run, i: int, *, log: bool = True, sink: str = "auto") -> tuple[Any, list[str]]:
     """The residual stream's L2 norm at every stored depth (rows) and position (columns), on a
     log colour scale by default. ``sink``: ``auto`` keeps an attention-sink first position (a
     decoder's position 0 with a norm many times the rest) out of the colour scale, ``skip``
-    always, ``keep`` never. Returns notes for the user."""
+    always, ``keep`` never. Returns the figure and notes for the user."""
     from workbench.store.depth import residual_norms, sink_position
 
     _check_prompt(run, i)
@@ -118,19 +131,16 @@ def plot_residual(run: Run, i: int, out: str, *, log: bool = True, sink: str = "
     if skip:
         notes.append(f"position 0 left out of the colour scale (its norm reaches {float(norms[:, 0].max()):.4g}; "
                      f"the rest at most {float(scaled.max()):.4g}): it saturates")
-    plt = _pyplot()
+    fig, ax = _figure((max(5.0, 0.3 * len(tokens) + 3), max(3.0, 0.22 * len(labels) + 1.5)))
     from matplotlib.colors import LogNorm, Normalize
 
     positive = scaled[scaled > 0]
     lo = float(positive.min()) if positive.size else 1e-6
     norm = LogNorm(vmin=lo, vmax=float(scaled.max())) if log else Normalize(vmin=0.0, vmax=float(scaled.max()))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(tokens) + 3), max(3.0, 0.22 * len(labels) + 1.5)))
     image = ax.imshow(np.clip(norms, lo if log else None, None), cmap="magma", aspect="auto",
                       interpolation="nearest", norm=norm)
     ax.set_xticks(range(len(tokens)), _labels(tokens), rotation=90, fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_title(f"residual stream norm — prompt {i}", fontsize=9)
     fig.colorbar(image, ax=ax, label="L2 norm" + (" (log scale)" if log else ""), shrink=0.8)
-    _save(fig, out)
-    plt.close(fig)
-    return notes
+    return fig, notes

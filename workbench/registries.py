@@ -100,13 +100,17 @@ def reload_model(run: Run, device: str = "auto") -> Model:
     return _reload_model(run, device, build_registry())
 
 
-def analyze(run: Run, analyses: list[Analysis], params: dict[str, dict[str, Any]] | None = None, *,
+def analyze(run: Run, analyses: list[Analysis | str] | str, params: dict[str, dict[str, Any]] | None = None, *,
             force: bool = False, device: str = "auto", model: Model | None = None,
             progress: Callable[[Analysis, int, int], None] | None = None,
             on_start: Callable[[Analysis], None] | None = None) -> list[Outcome]:
     """:func:`workbench.analysis.analyze`, reloading the run's model (when an analysis needs it
     and ``model`` is not given), and another run's (``AnalysisContext.model_of``), from every
-    plugin's models."""
-    registry = build_registry() if any(a.needs_model or a.may_use_model for a in analyses) else None
-    return _analyze(run, analyses, params, force=force, device=device, model=model,
+    plugin's models. Analyses may be given by name (``workbench.analyze(run, ["logit-lens"])``)."""
+    items = [analyses] if isinstance(analyses, str) else list(analyses)
+    named = build_analyses() if any(isinstance(a, str) for a in items) else None
+    chosen = [named.get(a) if isinstance(a, str) and named is not None else a for a in items]
+    chosen_analyses: list[Analysis] = [a for a in chosen if not isinstance(a, str)]
+    registry = build_registry() if any(a.needs_model or a.may_use_model for a in chosen_analyses) else None
+    return _analyze(run, chosen_analyses, params, force=force, device=device, model=model,
                     registry=registry, progress=progress, on_start=on_start)

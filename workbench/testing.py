@@ -42,15 +42,16 @@ def workbench_tiny_model() -> Any:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import workbench
+    from workbench.registries import load_model
 
-    return workbench.load_model("tiny-gpt2", device="cpu", progress=False)
+    return load_model("tiny-gpt2", device="cpu", progress=False)
 
 
 @pytest.fixture
 def workbench_make_run(tmp_path: Any, workbench_tiny_model: Any) -> Callable[..., Any]:
-    import workbench
     from workbench.capturing.prompts import Prompt
+    from workbench.registries import capture
+    from workbench.store import open_run
     from workbench.store.schema import default_prompt_id
 
     counter = [0]
@@ -67,8 +68,8 @@ def workbench_make_run(tmp_path: Any, workbench_tiny_model: Any) -> Callable[...
         counter[0] += 1
         out = tmp_path / f"run{counter[0]}.h5"
         kwargs.setdefault("progress", False)
-        workbench.capture(model or workbench_tiny_model, items, hooks=list(hooks), out=out, **kwargs)
-        return workbench.open_run(out)
+        capture(model or workbench_tiny_model, items, hooks=list(hooks), out=out, **kwargs)
+        return open_run(out)
 
     return make
 

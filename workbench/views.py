@@ -32,6 +32,10 @@ class View:
     """``make(result, run)`` returns a Textual ``Widget`` showing ``result``."""
     plugin: str = ""
     """Set by workbench at registration."""
+    figure: Callable[..., Any] | None = None
+    """Optional: ``figure(result, run, prompt=0, **options)`` returns a matplotlib ``Figure`` of the
+    same numbers (``workbench.show`` in a notebook); import matplotlib inside it. Without one, a
+    notebook shows the terminal view's own drawing."""
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):
@@ -43,12 +47,13 @@ class View:
 
 def lazy_view(module: str, widget: str) -> Callable[[StoredResult, Run], Any]:
     """A ``View.make`` that imports ``module`` (where the Textual widgets live) only when the view
-    is shown, and returns ``module.widget(result, run)``: registering views imports no Textual."""
+    is shown, and returns ``module.widget(result, run)``: registering views imports no Textual.
+    (A ``View.figure`` is made the same way: keyword options are passed on.)"""
 
-    def make(stored: StoredResult, run: Run) -> Any:
+    def make(stored: StoredResult, run: Run, **options: Any) -> Any:
         import importlib
 
-        return getattr(importlib.import_module(module), widget)(stored, run)
+        return getattr(importlib.import_module(module), widget)(stored, run, **options)
 
     return make
 
