@@ -1,8 +1,13 @@
-"""Commands that show runs: ``tui``, ``plot``."""
+"""Commands that show runs: ``tui``, ``serve`` (the same app in web browsers), ``plot``."""
 
 from __future__ import annotations
 
+import errno
+import shlex
+import socket
+import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -11,11 +16,13 @@ from workbench.errors import UserError
 
 # --- terminal UI and plots -------------------------------------------------------------------
 
+VIEWS = ["attention", "residual", "topk", "info", "results", "qkv", "vectors"]
+
 
 @cli.command("tui")
 @click.argument("run_paths", metavar="[RUN]...", nargs=-1)
-@click.option("--view", type=click.Choice(["attention", "residual", "topk", "info", "results", "qkv", "vectors"]),
-              default="attention", show_default=True, help="The view to open on.")
+@click.option("--view", type=click.Choice(VIEWS), default="attention", show_default=True,
+              help="The view to open on.")
 @click.option("--prompt", "prompt_index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Index of the prompt to open on.")
 @click.option("--export-dir", type=click.Path(), default=".",
@@ -34,6 +41,122 @@ def tui_cmd(run_paths: tuple[str, ...], view: str, prompt_index: int, export_dir
     app = make_app(list(run_paths), view=view, prompt=prompt_index, export_dir=Path(export_dir))
     export_folder(export_dir)  # after the runs: a run that cannot be opened is the first error
     app.run()
+
+
+@cli.command("serve")
+@click.argument("run_paths", metavar="[RUN]...", nargs=-1)
+@click.option("--view", type=click.Choice(VIEWS), default="attention", show_default=True,
+              help="The view each visitor's app opens on.")
+@click.option("--prompt", "prompt_index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Index of the prompt to open on.")
+@click.option("--export-dir", type=click.Path(), default=".",
+              help="Where 's' saves SVG screenshots, on the server (created if missing).  "
+                   "[default: the current folder]")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. The page has no password: any other address lets "
+                   "whoever reaches it browse the runs (prefer ssh -L).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="Port to listen on.")
+@click.option("--public-url", default=None,
+              help="The address the browser uses, when it is not http://HOST:PORT (ssh -L to "
+                   "another local port, a reverse proxy): the page connects back to it.")
+def serve_cmd(run_paths: tuple[str, ...], view: str, prompt_index: int, export_dir: str, host: str,
+              port: int, public_url: str | None) -> None:
+    """Serve the terminal UI to web browsers (pip install 'workbench[serve]', textual-serve).
+
+    Each visit to the page starts its own `workbench tui` process on this machine, with the
+    same runs and options, and ends it when the page closes. Listens on 127.0.0.1 unless --host
+    says otherwise; from another machine, forward the port:  ssh -L 8000:127.0.0.1:8000 HOST
+    and open http://127.0.0.1:8000 there. Ctrl+C stops the server and its apps.
+    """
+    try:
+        import textual_serve  # noqa: F401
+    except ImportError:
+        raise UserError("workbench serve needs textual-serve: pip install 'workbench[serve]'") from None
+    from workbench.tui.state import open_runs
+
+    for run in open_runs(list(run_paths)):  # a run that cannot be opened: one line, before serving
+        run.close()
+    folder = export_folder(export_dir)
+    if public_url is None:
+        if host in ("", "0.0.0.0", "::"):
+            raise UserError(f"--host {host or repr(host)} listens on every address, but the page "
+                            "connects back to one: give it with --public-url http://NAME:PORT")
+        public_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    check_port(host, port)
+    runs = f"{len(run_paths)} run{'s' if len(run_paths) != 1 else ''}" if run_paths else "the runs here"
+    banner = (f"workbench serve: {public_url}  (the terminal UI over {runs}; "
+              "each visit starts its own app; Ctrl+C stops)")
+    server = make_server(tui_command(run_paths, view=view, prompt=prompt_index, export_dir=folder),
+                         host=host, port=port, public_url=public_url, banner=banner)
+    try:
+        server.serve()
+    except OSError as exc:  # lost a race for the port since check_port
+        raise UserError(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
+
+
+def make_server(command: str, *, host: str, port: int, public_url: str | None, banner: str) -> Any:
+    """textual-serve's Server, printing ``banner`` instead of its logo and one line per visit
+    (not every HTTP request), and ending the visitors' apps on Ctrl+C at once (textual-serve
+    leaves an open page's websocket to aiohttp's shutdown, which waits for it)."""
+    import asyncio
+    import logging
+
+    from textual_serve.server import Server
+
+    class WorkbenchServer(Server):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.visits: set[asyncio.Task[Any]] = set()
+
+        def initialize_logging(self) -> None:
+            super().initialize_logging()
+            logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+        async def on_startup(self, app: Any) -> None:
+            click.echo(banner, err=True)
+
+        async def on_shutdown(self, app: Any) -> None:
+            for task in list(self.visits):
+                task.cancel()  # handle_websocket then stops the visitor's app and closes its socket
+
+        async def handle_websocket(self, request: Any) -> Any:
+            task = asyncio.current_task()
+            assert task is not None
+            self.visits.add(task)
+            click.echo(f"visit from {request.remote}: app started ({len(self.visits)} open)", err=True)
+            try:
+                return await super().handle_websocket(request)
+            finally:
+                self.visits.discard(task)
+                click.echo(f"visit from {request.remote} ended ({len(self.visits)} open)", err=True)
+
+    return WorkbenchServer(command, host=host, port=port, title="workbench", public_url=public_url)
+
+
+def tui_command(run_paths: tuple[str, ...], *, view: str, prompt: int, export_dir: Path) -> str:
+    """The shell command textual-serve starts for each visitor: this interpreter running
+    ``workbench tui`` with absolute paths (``exec``: no shell stays between server and app)."""
+    args = [sys.executable, "-m", "workbench.cli", "tui", "--view", view, "--prompt", str(prompt),
+            "--export-dir", str(export_dir.resolve()), "--", *(str(Path(p).resolve()) for p in run_paths)]
+    return "exec " + shlex.join(args)
+
+
+def check_port(host: str, port: int) -> None:
+    """A UserError (one line, exit 2) unless every address of ``host`` can listen on ``port``."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise UserError(f"--port {port}: already in use on {host}; choose another") from None
+                raise UserError(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
 
 
 def export_folder(path: str) -> Path:
