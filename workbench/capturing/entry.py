@@ -27,9 +27,11 @@ from workbench.capturing.forward import run_batch
 from workbench.capturing.hooks import gates_enabled
 from workbench.capturing.malloc import freed_memory_kept
 from workbench.capturing.plan import CapturePlan, build_settings, make_plan
-from workbench.capturing.prompts import normalize
+from workbench.capturing.prompts import chat_prompts, normalize, refuse_messages
 from workbench.capturing.sampling import Generation, SamplingSettings
 from workbench.errors import UserError
+from workbench.models.chat import chat_record
+from workbench.store import codecs
 from workbench.store import schema as S
 from workbench.store.settings import RunSettings
 from workbench.store.transaction import RunTransaction, check_output, human_bytes
@@ -39,7 +41,7 @@ from workbench.store.writer_thread import COMMIT_SECONDS, WriterThread
 if TYPE_CHECKING:
     from workbench.models.model import Model
 
-COMPRESSIONS = ("none", "gzip", "lzf")
+COMPRESSIONS = codecs.COMPRESSIONS
 
 
 class CaptureInterrupted(UserError):
@@ -89,6 +91,7 @@ def capture(
     worker_cpus: float = 1.0,
     worker_gpus: float = 0.0,
     units: int | None = None,
+    chat: bool = False,
 ) -> CaptureResult:
     """Capture activations of ``model`` on ``prompts`` into the run file ``out``.
 
@@ -100,7 +103,8 @@ def capture(
     :param hooks: TransformerLens hook names, globs (``blocks.*.hook_resid_post``) or presets
         (``residual``, ``attention``, ``attention-full``, ``mlp``, ``lens``, ``all``).
     :param dtype: storage dtype: ``float32`` (exact), ``float16`` or ``bfloat16`` (raw bits).
-    :param compression: ``None``/``"none"``, ``"gzip"`` or ``"lzf"``.
+    :param compression: ``None``/``"none"``, ``"gzip"``, ``"lzf"``, or (extra ``export``, through
+        hdf5plugin) ``"blosc2-zstd"`` or ``"zstd"`` (docs/store.md, "Compression").
     :param predictions: top-k next-token predictions stored per position.
     :param generate: sample this many tokens after each prompt (decoders) and capture the whole
         sequence; ``temperature`` (0 = greedy), ``top_k``, ``top_p`` and ``seed`` shape the sampling.
@@ -117,6 +121,9 @@ def capture(
     :param worker_cpus: CPUs per worker (its torch threads); ``worker_gpus``: GPUs per worker
         (with ``device="cuda"``).
     :param units: work units to split the prompts into (default: 4 per worker).
+    :param chat: lay every prompt out with the model's chat template, the assistant's turn
+        opened (:func:`~workbench.capturing.prompts.chat_prompts`); prompts may then be
+        conversations (``{"messages": [{"role", "content"}, ...]}``). The run records the template.
     :raises UserError: bad input (nothing is written).
     """
     # 1. check: the arguments and the output, before anything is loaded
@@ -131,8 +138,17 @@ def capture(
         check_output(final, overwrite, resume, sharded=sharded)
     if sharded:
         loader = _sharded_check(model, device, bos, workers, worker_cpus, worker_gpus, units)
+    if chat and bos not in (None, "none"):
+        raise UserError(f"--chat lays prompts out with the chat template, which writes its own special tokens: "
+                        f"drop --bos {bos}")
     items = normalize(prompts)
+    if not chat:
+        refuse_messages(items)
     model = _load(model, device, bos)
+    chat_doc = None
+    if chat:
+        chat_doc = chat_record(model.tokenizer, model.name)
+        items = chat_prompts(model, items)
     if sharded:
         from workbench.capturing.sharded import capture_sharded
 
@@ -143,13 +159,13 @@ def capture(
             units=units, storage_dtype=dtype, compression=compression, predictions=predictions,
             batch_size=batch_size, truncate=truncate, generation=generation, resume=resume,
             show_progress=sys.stderr.isatty() if progress is None else progress,
-            commit_seconds=commit_seconds)
+            commit_seconds=commit_seconds, chat=chat_doc)
 
     # 2. plan
     hook_items = list(hooks)
     plan = make_plan(model, items, hook_items, storage_dtype=dtype, compression=compression,
                      predictions=predictions, batch_size=batch_size, truncate=truncate,
-                     generation=generation)
+                     generation=generation, chat=chat_doc)
     show = sys.stderr.isatty() if progress is None else progress
     if dry_run:
         return CaptureResult(final or Path(), 0, 0, 0, 0.0, 0, plan)
@@ -203,8 +219,7 @@ def _check_arguments(batch_size: int, dtype: str, compression: str | None, predi
         raise UserError("batch size must be at least 1")
     if dtype not in S.STORAGE_DTYPES:
         raise UserError(f"unknown storage dtype {dtype!r}; choose one of {', '.join(S.STORAGE_DTYPES)}")
-    if compression is not None and compression not in COMPRESSIONS:
-        raise UserError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    codecs.check(compression)  # a plugin codec without hdf5plugin: refused before the model loads
     if not 1 <= predictions <= 1000:
         raise UserError("predictions (top-k stored per position) must be between 1 and 1000")
     if generate < 0:

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from workbench.cli import analyze, capture, models, ui  # noqa: F401 - registers the commands
+from workbench.cli import analyze, capture, export, models, ui  # noqa: F401 - registers the commands
 from workbench.cli.base import cli
 from workbench.cli.models import hook_patterns
 

@@ -111,8 +111,10 @@ PRESET_HELP = (
 @click.option("--dtype", "storage_dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               default="float32", show_default=True,
               help="Storage dtype (float32 is exact; bfloat16 is kept bit-exact as raw bits).")
-@click.option("--compression", type=click.Choice(["none", "gzip", "lzf"]), default="none",
-              show_default=True, help="HDF5 compression of activations (dense floats barely compress).")
+@click.option("--compression", type=click.Choice(["none", "gzip", "lzf", "blosc2-zstd", "zstd"]),
+              default="none", show_default=True,
+              help="HDF5 compression of activations (dense floats barely compress: BENCHMARKS.md). "
+                   "blosc2-zstd and zstd need the 'export' extra (hdf5plugin).")
 @click.option("--predictions", default=10, show_default=True, type=click.IntRange(1, 1000),
               metavar="K", help="Top-K next-token predictions (ids and log-probs) stored per position.")
 @click.option("--generate", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
@@ -150,6 +152,9 @@ PRESET_HELP = (
               help="GPUs per worker (use with --device cuda; 1 places one worker per GPU).")
 @click.option("--units", default=None, type=click.IntRange(min=1), metavar="N",
               help="Work units to split the prompts into (default: 4 per worker).")
+@click.option("--chat", is_flag=True,
+              help="Lay each prompt out with the model's chat template (a user turn, the assistant's "
+                   "turn opened); JSONL lines may give 'messages' instead of 'prompt'. Recorded in the run.")
 def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tuple[str, ...],
                 prompts_file: str | None, hook_items: tuple[str, ...], out: str | None,
                 batch_size: int, storage_dtype: str, compression: str, predictions: int,
@@ -158,7 +163,7 @@ def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tup
                 overwrite: bool, resume: bool, commit_seconds: float, dry_run: bool,
                 list_presets: bool, for_analyses: tuple[str, ...], workers: int,
                 ray_address: str | None, worker_cpus: float, worker_gpus: float,
-                units: int | None) -> None:
+                units: int | None, chat: bool) -> None:
     """Run MODEL over prompts and record activations into an HDF5 run.
 
     Also stored for every prompt: token ids and strings, per-token loss, the top-k next-token
@@ -175,6 +180,9 @@ def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tup
     from workbench.capturing.prompts import command_line_prompts
 
     prompts = command_line_prompts(prompt_texts, prompts_file)
+    if chat and bos not in (None, "none"):
+        raise UserError(f"--chat lays prompts out with the chat template, which writes its own special tokens: "
+                        f"drop --bos {bos}")
     if not out and not dry_run:
         raise UserError("--out RUN.h5 is required (or --dry-run)")
     hooks = list(hook_items)
@@ -207,7 +215,7 @@ def capture_cmd(model_name: str, device: str, bos: str | None, prompt_texts: tup
         generate=generate, temperature=temperature, top_k=sample_top_k, top_p=sample_top_p,
         seed=seed, overwrite=overwrite, resume=resume, dry_run=dry_run,
         commit_seconds=commit_seconds, workers=workers, ray_address=ray_address,
-        worker_cpus=worker_cpus, worker_gpus=worker_gpus, units=units,
+        worker_cpus=worker_cpus, worker_gpus=worker_gpus, units=units, chat=chat,
     )
     if generate and not dry_run and out:
         from workbench.store import open_run
@@ -271,12 +279,19 @@ def inspect_cmd(run_path: str, as_json: bool, n_show: int) -> None:
         if run.shards:
             click.echo(f"shards   {len(run.shards)} unit files in {run.shards[0]['file'].split('/')[0]}/ "
                        "(each checked: present, complete, of this run)")
+        if settings.chat:
+            click.echo(f"chat     prompts laid out by the model's chat template (sha256 "
+                       f"{settings.chat.get('template_sha256', '?')[:12]}); shown below by their last turn")
         click.echo(f"hooks    requested: {' '.join(settings.hooks_requested)}")
         for pattern, n in hook_patterns(list(run.hooks)):
             click.echo(f"           {pattern}" + (f"  x{n}" if n > 1 else ""))
         for p in summary["first_prompts"]:
-            text = p["text"] if len(p["text"]) <= 60 else p["text"][:57] + "..."
-            meta = f"  {p['metadata']}" if p["metadata"] else ""
+            text, meta_doc = p["text"], dict(p["metadata"])
+            messages = meta_doc.pop("messages", None) if settings.chat else None
+            if messages:  # the template's text starts alike for every prompt: show the last turn
+                text = f"{messages[-1]['role']}: {messages[-1]['content']}"
+            text = text if len(text) <= 60 else text[:57] + "..."
+            meta = f"  {meta_doc}" if meta_doc else ""
             click.echo(f"  [{p['index']}] {p['id']} ({p['n_tokens']} tokens) {text!r}{meta}")
         if len(run) > len(summary["first_prompts"]):
             click.echo(f"  ... {len(run) - len(summary['first_prompts']):,} more")

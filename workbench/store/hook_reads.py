@@ -128,6 +128,32 @@ class HookReads:
         if not 0 <= start <= stop:
             raise IndexError(f"prompts {start}..{stop} out of range: the run has {self._n}")
         a, b = (int(x) for x in self._offsets_of(spec.stream_of_rows())[[start, stop]])
+        return self.token_rows(hook, a, b)
+
+    def token_offsets(self, stream: str = S.MAIN) -> np.ndarray:
+        """``(n_prompts + 1,)`` int64: where each committed prompt's tokens start in the run-wide
+        token order that :meth:`rows` and :meth:`token_rows` index (a copy)."""
+        return np.array(self._offsets_of(stream)[: self._n + 1])
+
+    def token_ids_between(self, start: int, stop: int, stream: str = S.MAIN) -> np.ndarray:
+        """Token ids of run-wide token positions ``start`` to ``stop - 1`` (across prompts),
+        ``(stop - start,)`` int32, in one read."""
+        end = int(self._offsets_of(stream)[self._n])
+        if not 0 <= start <= stop <= end:
+            raise IndexError(f"tokens {start}..{stop} out of range: the run has {end} committed")
+        return self._read(S.ids_name(stream), start, stop, "iu")
+
+    def token_rows(self, hook: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start`` to ``stop - 1`` of a per-token hook in run-wide token order (across
+        prompt boundaries; :meth:`token_offsets` says where prompts start), ``(stop - start,
+        *feature)``, in one read, decoded as :meth:`activation` decodes."""
+        spec = self.resolve(hook)
+        if spec.layout == "square":
+            raise UserError(f"{hook} is stored per prompt (layout {spec.layout}), not per token")
+        a, b = int(start), int(stop)
+        end = int(self._offsets_of(spec.stream_of_rows())[self._n])
+        if not 0 <= a <= b <= end:
+            raise IndexError(f"tokens {a}..{b} out of range: the run has {end} committed")
         name = f"{S.ACTS}/{spec.name}"
         ds = self._ds(name)
         guard.bounds(self.path, name, ds, a, b, self.size_bytes)
@@ -140,6 +166,17 @@ class HookReads:
         except OSError as exc:
             raise guard.damaged(self.path, f"{name}: {str(exc).splitlines()[0]}") from None
         return S.decode_values(values, self._encoding(name))
+
+    def to_xarray(self, hook: str | list[str] | tuple[str, ...], prompts: Any = None) -> Any:
+        """The stored values of ``hook`` as a labelled ``xarray.DataArray`` (extra ``export``):
+        dims ``prompt``, ``position`` (or ``head``, ``query_pos``, ``key_pos`` for attention)
+        and the feature axes, coordinates for prompts, tokens, heads and the layer; ragged
+        prompts padded with NaN. A list or glob of hooks stacks them along a ``layer`` dim.
+        ``prompts``: a range, slice or list of prompt indices (default: all). See
+        :func:`workbench.store.labelled.to_xarray`."""
+        from workbench.store.labelled import to_xarray
+
+        return to_xarray(self, hook, prompts)
 
     def attention_row(self, hook: str, i: int, q: int) -> np.ndarray:
         """Row ``q`` of every head of a stored attention pattern (or any square-layout tensor) of

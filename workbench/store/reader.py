@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from workbench.errors import UserError
-from workbench.store import guard, shards
+from workbench.store import codecs, guard, shards
 from workbench.store import schema as S
 from workbench.store.files import (
     final_name,
@@ -85,6 +85,7 @@ class Run(HookReads, VocabReads):
             # error at open time rather than a confusing one later.
             for doc in ("model_info", "settings", "capture_settings", "hooks"):
                 getattr(self, doc)
+            codecs.register(path, self.settings.get("compression"))  # hdf5plugin's filters
             self.shards: list[dict[str, Any]] = []
             """A sharded run's unit files (``file``, ``unit``, ``first_prompt``, ``prompts``), each
             checked when the run is opened (:func:`~workbench.store.shards.check_shards`); empty
@@ -465,7 +466,7 @@ class Run(HookReads, VocabReads):
             "storage_dtype": self.storage_dtype,
             "settings": {k: self.settings.get(k) for k in (
                 "hooks_requested", "batch_size", "compression", "top_k", "truncate", "gates",
-                "generation", "resumed", "versions")},
+                "generation", "chat", "resumed", "versions")},
             "stored_hooks": [h.to_dict() for h in self.hooks.values()],
             "has_lm_outputs": self.has_lm_outputs,
             "lm_target": self.lm_target if self.has_lm_outputs else None,

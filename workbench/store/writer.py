@@ -29,6 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from workbench.store import codecs
 from workbench.store import schema as S
 from workbench.store.batch import BatchRecord, TokenField
 from workbench.store.chunks import ChunkAppender, start_writeback
@@ -94,14 +95,8 @@ class RunWriter:
         self._ragged_bytes: dict[str, int] = dict.fromkeys(S.RAGGED_BYTES, 0)
         self._str_bytes: dict[str, int] = dict.fromkeys(streams, 0)
         self._closed = False
-        filters: dict[str, Any] = {}
-        if compression == "gzip":
-            filters = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-        elif compression == "lzf":
-            filters = {"compression": "lzf", "shuffle": True}
-        elif compression not in (None, "none"):
-            raise ValueError(f"unknown compression {compression!r}")
-        self._filters = filters
+        # gzip, lzf, or an hdf5plugin codec (blosc2-zstd, zstd): workbench/store/codecs.py
+        self._filters = codecs.filters(compression)
         # Chunks never larger than the data expected, so a small run is a small file.
         self._expected_tokens = {s: max(1, (expected_tokens or {}).get(s, 1)) for s in streams}
         self._expected_elements = expected_elements or {}
@@ -114,7 +109,12 @@ class RunWriter:
         # default 1 MiB cache, and closing it writes its partly filled chunks out each time).
         self._open: dict[str, h5py.Dataset] = {}
         self._direct: dict[str, ChunkAppender] = {}  # uncompressed activations (see _ds)
-        self.f = h5py.File(path, "w", libver="latest")
+        # A compressed run's file format starts at HDF5 1.10's (SWMR needs no less): with the
+        # lowest bound at "latest" (HDF5 2.0's format, as uncompressed runs are written), h5py's
+        # HDF5 records filtered datasets in a form that HDF5 1.10's tools cannot parse (Debian's
+        # h5dump fails on the whole file); tests/test_export.py checks it lists them.
+        libver = ("v110", "latest") if self._filters else "latest"
+        self.f = h5py.File(path, "w", libver=libver)
         try:
             doc = settings.to_dict() if isinstance(settings, RunSettings) else settings
             self._create(model_info, doc, planned_prompts, tool_version)
