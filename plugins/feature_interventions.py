@@ -211,7 +211,8 @@ def compute_feature_intervention(ctx: AnalysisContext) -> Result:
         if p["tokens"] > 0:
             gen_hooks = [(hook, generation_hook(edit, mask_np, p["positions"].strip() == "all"))]
             for tag, hooks in (("plain", []), ("edited", gen_hooks)):
-                ids, probs = generate(model, tokens, p["tokens"], hooks, settings, p["seed"])
+                # the edit's hook reads positions off the sequence: rerun it whole each step
+                ids, probs = generate(model, tokens, p["tokens"], hooks, settings, p["seed"], cache=False)
                 rec[tag] = {"ids": ids, "text": model.tokenizer.decode(ids), "tokens": model.str_tokens(ids),
                             "probs": probs,
                             "activation": generated_activation(model, edit, hook, tokens, ids)}

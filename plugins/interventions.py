@@ -226,13 +226,15 @@ def steering_vector(ctx: AnalysisContext, model: Model, n_layers: int) -> tuple[
 
 
 def generate(model: Model, tokens: list[int], n: int, hooks: list[tuple[str, Any]], settings: Any,
-             seed: int) -> tuple[list[int], list[float]]:
-    """``n`` tokens sampled after ``tokens`` with ``hooks`` active at every step (the whole
-    sequence is rerun each step); the chosen tokens and their model probabilities."""
+             seed: int, *, cache: bool = True) -> tuple[list[int], list[float]]:
+    """``n`` tokens sampled after ``tokens`` with ``hooks`` active at every step (with the
+    key-value cache, each new position on its own: ``cache=False`` reruns the whole sequence
+    each step, for hooks that depend on positions); the chosen tokens and their model
+    probabilities."""
     from workbench.capturing.sampling import generate as sample
 
     eos = getattr(model.tokenizer, "eos_token_id", None)
-    [seq], [stats] = sample(model, [tokens], n, settings, [seed], fwd_hooks=hooks, stop_token=eos)
+    [seq], [stats] = sample(model, [tokens], n, settings, [seed], fwd_hooks=hooks, stop_token=eos, cache=cache)
     return seq[len(tokens):], stats["model_prob"]
 
 

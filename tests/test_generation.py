@@ -158,3 +158,47 @@ def test_generate_from_the_command_line(tmp_path):
     bad = CliRunner().invoke(cli, ["capture", "-m", "tiny-gpt2", "-p", "x", "--seed", "3",
                                    "-o", str(tmp_path / "x.h5")])
     assert bad.exit_code == 2 and "shape --generate N" in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_cached_generation_equals_recomputing_the_sequence(tiny_models, name):
+    """The key-value cache (left-padded prompts, one token per step) samples exactly the tokens
+    that rerunning the whole sequence samples, with and without a hook that adds a vector to
+    the residual stream (as steering does), and the per-step probabilities agree to rounding."""
+    from workbench.capturing.sampling import generate
+
+    model = tiny_models[name]
+    prompts = [model.tokenize(p) for p in PROMPTS]
+    settings = SamplingSettings(temperature=1.0)
+    seeds = [11, 12, 13, 14]
+    vector = torch.linspace(-1, 1, int(model.info.d_model))
+
+    def steer(act, hook):
+        return act + vector.to(act.dtype)
+
+    for hooks in (None, [("blocks.0.hook_resid_post", steer)]):
+        cached, stats_c = generate(model, prompts, 20, settings, seeds, fwd_hooks=hooks, cache=True)
+        full, stats_f = generate(model, prompts, 20, settings, seeds, fwd_hooks=hooks, cache=False)
+        assert cached == full
+        for a, b in zip(stats_c, stats_f):
+            for key in a:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # and the hook really acted: steered text differs from plain
+    plain, _ = generate(model, prompts, 20, settings, seeds)
+    steered, _ = generate(model, prompts, 20, settings, seeds, fwd_hooks=[("blocks.0.hook_resid_post", steer)])
+    assert plain != steered
+
+
+@pytest.mark.integration
+def test_cached_generation_on_smollm2(smollm2):
+    """64 tokens after three prompts of different lengths, sampled at temperature 0.8 and
+    greedily: the cache gives the same tokens as rerunning the sequence every step."""
+    from workbench.capturing.sampling import generate
+
+    texts = ["The capital of France is", "When Mary and John went to the store, John gave a drink to",
+             "Once upon a time"]
+    prompts = [smollm2.tokenize(t) for t in texts]
+    for settings in (SamplingSettings(temperature=0.8), SamplingSettings(temperature=0)):
+        cached, _ = generate(smollm2, prompts, 64, settings, [1, 2, 3], cache=True)
+        full, _ = generate(smollm2, prompts, 64, settings, [1, 2, 3], cache=False)
+        assert cached == full

@@ -9,6 +9,7 @@ away. A temperature of 0 means greedy decoding: the distribution puts all mass o
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -107,20 +108,70 @@ def padded(seqs: list[list[int]], pad: int, device: str) -> tuple[Any, Any]:
     return tokens.to(device), mask.to(device)
 
 
+class _Recompute:
+    """Next-token logits by rerunning every active row's whole sequence (right-padded)."""
+
+    def __init__(self, model: Model, seqs: list[list[int]], pad: int) -> None:
+        self.model, self.seqs, self.pad = model, seqs, pad
+
+    def __call__(self, active: list[int]) -> dict[int, Any]:
+        tokens, _ = padded([self.seqs[r] for r in active], self.pad, self.model.device)
+        logits = self.model.forward(tokens)
+        return {row: logits[j, len(self.seqs[row]) - 1] for j, row in enumerate(active)}
+
+
+class _Cached:
+    """Next-token logits with the model's key-value cache: one pass over the left-padded
+    prompts, then one token per row per step (a finished row is fed its last token again and
+    ignored). Positions come from the attention mask, so left padding moves no real token."""
+
+    def __init__(self, model: Model, seqs: list[list[int]], pad: int) -> None:
+        self.model, self.seqs, self.pad = model, seqs, pad
+        self.past: Any = None
+        self.mask: Any = None
+
+    def __call__(self, active: list[int]) -> dict[int, Any]:
+        import torch
+
+        device = self.model.device
+        if self.past is None:
+            longest = max(len(s) for s in self.seqs)
+            tokens = torch.full((len(self.seqs), longest), self.pad, dtype=torch.long)
+            self.mask = torch.zeros((len(self.seqs), longest), dtype=torch.long)
+            for row, s in enumerate(self.seqs):
+                tokens[row, longest - len(s):] = torch.tensor(s, dtype=torch.long)
+                self.mask[row, longest - len(s):] = 1
+            self.mask = self.mask.to(device)
+            logits, self.past = self.model.bridge(tokens.to(device), attention_mask=self.mask,
+                                                  return_type="logits_and_cache")
+        else:
+            new = torch.tensor([[s[-1]] for s in self.seqs], dtype=torch.long, device=device)
+            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+            positions = (self.mask.cumsum(1) - 1)[:, -1:]
+            with warnings.catch_warnings():  # transformers 5 renames the argument; the bridge passes the old name
+                warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+                logits, self.past = self.model.bridge(new, attention_mask=self.mask, position_ids=positions,
+                                                      past_key_values=self.past, return_type="logits_and_cache")
+        return {row: logits[row, -1] for row in active}
+
+
 def generate(model: Model, prompts: list[list[int]], n: int, settings: SamplingSettings,
              seeds: list[int], *, pad: int = 0, fwd_hooks: list[tuple[str, Any]] | None = None,
-             stop_token: int | None = None) -> tuple[list[list[int]], list[dict[str, list[float]]]]:
+             stop_token: int | None = None, cache: bool = True
+             ) -> tuple[list[list[int]], list[dict[str, list[float]]]]:
     """Sample up to ``n`` tokens after each of ``prompts`` (token ids; a decoder). Returns each
     whole sequence (prompt and sampled tokens) and, per row, each step's statistics (the names of
     :data:`~workbench.store.schema.GEN_FIELDS`: the chosen token's probability under the sampling
     distribution and under the model, and both distributions' entropies).
 
-    Every step reruns the whole sequence (no key-value cache): the numerics are those of a plain
-    forward pass, with ``fwd_hooks`` (``(hook name, function)``, e.g. a steering vector) active
-    throughout. Row ``r`` draws from its own ``torch.Generator`` seeded with ``seeds[r]``. Rows
-    are right-padded and each row's next token is read at its own last real position (causal:
-    padding after it is never seen), so a batch generates exactly what each prompt would alone,
-    up to rounding. A row stops early once it samples ``stop_token``."""
+    With ``cache`` (the default) the prompts are run once and each step feeds only the new
+    token, through the model's key-value cache (:mod:`workbench.models.kv_cache`); without it
+    every step reruns the whole sequence. Both give the same tokens (the logits agree to
+    rounding: tested); ``fwd_hooks`` (``(hook name, function)``) are active throughout, and with
+    the cache they see each new position on its own — pass ``cache=False`` for a hook that
+    depends on where in the sequence it is. Row ``r`` draws from its own ``torch.Generator``
+    seeded with ``seeds[r]``, so a batch generates exactly what each prompt would alone, up to
+    rounding. A row stops early once it samples ``stop_token``."""
     import torch
 
     from workbench.store.schema import GEN_FIELDS
@@ -133,16 +184,15 @@ def generate(model: Model, prompts: list[list[int]], n: int, settings: SamplingS
         rngs.append(g)
     stats: list[dict[str, list[float]]] = [{f: [] for f in GEN_FIELDS} for _ in seqs]
     active = list(range(len(seqs)))
+    step = (_Cached if cache and model.family == "decoder" else _Recompute)(model, seqs, pad)
     hooks = model.bridge.hooks(fwd_hooks=fwd_hooks) if fwd_hooks is not None else nullcontext()
     with torch.inference_mode(), hooks:
         for _ in range(n):
             if not active:
                 break
-            tokens, _ = padded([seqs[r] for r in active], pad, model.device)
-            logits = model.forward(tokens)
-            for j, row in enumerate(list(active)):
-                seq = seqs[row]
-                last = logits[j, len(seq) - 1]
+            logits = step(active)
+            for row in list(active):
+                last = logits[row]
                 model_p = torch.softmax(last.to(torch.float64), dim=-1)
                 p = sampling_distribution(last, settings)
                 token = int(torch.multinomial(p.cpu(), 1, generator=rngs[row]))
@@ -151,7 +201,7 @@ def generate(model: Model, prompts: list[list[int]], n: int, settings: SamplingS
                 s["sample_entropy"].append(entropy(p))
                 s["model_prob"].append(float(model_p[token]))
                 s["model_entropy"].append(entropy(model_p))
-                seq.append(token)
+                seqs[row].append(token)
                 if stop_token is not None and token == stop_token:
                     active.remove(row)
     return seqs, stats

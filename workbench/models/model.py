@@ -14,7 +14,7 @@ from typing import Any
 
 from workbench.errors import UserError
 from workbench.models import chat as chat_format
-from workbench.models import token_bytes
+from workbench.models import kv_cache, token_bytes
 from workbench.models.registry import BOS_POLICIES, BosPolicy, Family, ModelSource, Provenance
 
 # Architectures whose normalisation follows each sublayer (residual -> sublayer -> add -> norm).
@@ -169,6 +169,7 @@ class Model:
         self.name = source.name
         self.family: Family = source.family
         self.bridge = bridge
+        kv_cache.install(bridge)  # cached decoding that sees the prompt (workbench.models.kv_cache)
         self.tokenizer = tokenizer
         self.provenance = provenance
         self.device = device
