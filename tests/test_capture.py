@@ -168,6 +168,28 @@ def test_top_k_by_groups_equals_torch_topk(vocab, k):
     assert torch.equal(ids[untied], expected.indices[untied])
 
 
+def test_no_lm_outputs_with_zero_predictions(tmp_path, llama):
+    """``predictions=0``: the same activations, and no loss or top-k at all (nor their datasets);
+    the analyses that need LM outputs say what is missing."""
+    from workbench.analysis import missing_inputs
+    from workbench.registries import build_analyses
+
+    prompts = random_prompts(6, seed=3, hi=40)
+    with_lm = workbench.capture(llama, prompts, hooks=["residual"], out=tmp_path / "a.h5", progress=False)
+    without = workbench.capture(llama, prompts, hooks=["residual"], out=tmp_path / "b.h5", predictions=0,
+                                progress=False)
+    assert without.bytes_written < with_lm.bytes_written
+    with workbench.open_run(tmp_path / "a.h5") as a, workbench.open_run(tmp_path / "b.h5") as b:
+        assert a.has_lm_outputs and not b.has_lm_outputs
+        assert b.capture_settings.top_k == 0
+        for i in range(len(a)):
+            for hook in a.hooks:
+                np.testing.assert_array_equal(a.activation(hook, i), b.activation(hook, i))
+        with pytest.raises(UserError):
+            b.loss(0)
+        assert missing_inputs(b, build_analyses().get("next-token"))
+
+
 def test_stored_vocabulary_names_predictions_like_the_tokenizer(big_run, llama):
     _, _, run = big_run
     assert run.has_vocab

@@ -105,7 +105,9 @@ def capture(
     :param dtype: storage dtype: ``float32`` (exact), ``float16`` or ``bfloat16`` (raw bits).
     :param compression: ``None``/``"none"``, ``"gzip"``, ``"lzf"``, or (extra ``export``, through
         hdf5plugin) ``"blosc2-zstd"`` or ``"zstd"`` (docs/store.md, "Compression").
-    :param predictions: top-k next-token predictions stored per position.
+    :param predictions: top-k next-token predictions stored per position; 0 stores no LM
+        outputs at all (no loss, no predictions: the capture does the forward pass and the writes
+        only, and analyses that need LM outputs say so).
     :param generate: sample this many tokens after each prompt (decoders) and capture the whole
         sequence; ``temperature`` (0 = greedy), ``top_k``, ``top_p`` and ``seed`` shape the sampling.
     :param overwrite: replace an existing run (the old one stays until the new one is complete).
@@ -220,8 +222,8 @@ def _check_arguments(batch_size: int, dtype: str, compression: str | None, predi
     if dtype not in S.STORAGE_DTYPES:
         raise UserError(f"unknown storage dtype {dtype!r}; choose one of {', '.join(S.STORAGE_DTYPES)}")
     codecs.check(compression)  # a plugin codec without hdf5plugin: refused before the model loads
-    if not 1 <= predictions <= 1000:
-        raise UserError("predictions (top-k stored per position) must be between 1 and 1000")
+    if not 0 <= predictions <= 1000:
+        raise UserError("predictions (top-k stored per position) must be between 0 (no LM outputs) and 1000")
     if generate < 0:
         raise UserError("--generate must be 0 or more")
     if not commit_seconds >= 0:

@@ -74,7 +74,9 @@ class CapturePlan:
 
     @property
     def has_lm_outputs(self) -> bool:
-        return self.model.info.has_lm_head
+        """Loss and top-k are computed and stored: the model has a trained LM head and
+        ``predictions`` is not 0."""
+        return self.model.info.has_lm_head and self.predictions > 0
 
     def lengths(self, i: int) -> dict[str, int]:
         out = {S.MAIN: len(self.token_ids[i])}

@@ -115,8 +115,9 @@ PRESET_HELP = (
               default="none", show_default=True,
               help="HDF5 compression of activations (dense floats barely compress: BENCHMARKS.md). "
                    "blosc2-zstd and zstd need the 'export' extra (hdf5plugin).")
-@click.option("--predictions", default=10, show_default=True, type=click.IntRange(1, 1000),
-              metavar="K", help="Top-K next-token predictions (ids and log-probs) stored per position.")
+@click.option("--predictions", default=10, show_default=True, type=click.IntRange(0, 1000),
+              metavar="K", help="Top-K next-token predictions (ids and log-probs) stored per position, "
+                                "with the per-token loss; 0 stores no LM outputs (the fastest capture).")
 @click.option("--generate", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
               help="Sample N tokens after each prompt (decoders), then capture the whole sequence "
                    "and each step's sampling distribution (entropy, chosen token's probability).")
