@@ -34,6 +34,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 from sections import replace_section
 
@@ -45,12 +46,22 @@ CASES = {
     "a-small": ("residual stream, short prompts, 1/8 of the prompts (memory check)", ["residual"],
                 32, (10, 22), 8),
     "b": ("all attention patterns, ~1,000-token prompts (I/O-bound)", ["attention"], 4, (985, 1000), 1),
+    # --peers: against libraries that capture in memory (issue 30's case)
+    "n": ("the residual stream after every layer, 64 prompts of 48 words", ["blocks.*.hook_resid_post"],
+          64, (48, 48), 8),
 }
+PEER_MODES = ("hf-forward", "hf-hooks", "nnsight", "forward", "run_with_cache", "capture-nolm", "capture")
+SAMPLE_LAYERS = (0, 15, 29)
+"""Layers whose values (first batch, real positions) every peer mode saves for the equality check."""
 MODES = ("forward", "forward-kept", "run_with_cache", "capture")
 LABELS = {"forward": "plain forward",
           "forward-kept": "plain forward, freed memory kept (as capture runs it)",
           "run_with_cache": "TransformerLens run_with_cache (in memory)",
-          "capture": "workbench capture (to disk)", "store": "store only: same bytes, no forward pass"}
+          "capture": "workbench capture (to disk)", "store": "store only: same bytes, no forward pass",
+          "hf-forward": "plain Hugging Face forward (no hooks)",
+          "hf-hooks": "raw PyTorch forward hooks, tensors cloned into memory",
+          "nnsight": "nnsight `trace` + `save`, in memory (`inference_mode`)",
+          "capture-nolm": "workbench capture to disk, `--predictions 0` (no LM outputs)"}
 
 
 def make_prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
@@ -68,8 +79,93 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def hf_model_and_tokens(n: int, lo: int, hi: int) -> tuple[Any, Any, list[list[int]]]:
+    """SmolLM2 as a plain Hugging Face model (the weights workbench converted from its GGUF, eager
+    attention, float32) and the prompts' token ids as workbench makes them (the model's own
+    tokenizer, policy ``tokenizer``: no special tokens for SmolLM2)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.models.gguf_cache import converted_root
+
+    [entry] = [p for p in converted_root().iterdir() if p.name.startswith("SmolLM2-135M-Instruct")]
+    model = AutoModelForCausalLM.from_pretrained(entry, attn_implementation="eager", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(entry)
+    return model, tok, [tok(p, add_special_tokens=True)["input_ids"] for p in make_prompts(n, lo, hi)]
+
+
+def batches(token_ids: list[list[int]], batch_size: int) -> list[Any]:
+    """Right-padded batches, no attention mask (causal: as capture runs a decoder)."""
+    import torch
+
+    out = []
+    for s in range(0, len(token_ids), batch_size):
+        ids = token_ids[s : s + batch_size]
+        tokens = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+        for r, t in enumerate(ids):
+            tokens[r, : len(t)] = torch.tensor(t)
+        out.append(tokens)
+    return out
+
+
+def peer_worker(mode: str, folder: str) -> dict[str, float]:
+    """Case ``n`` in a library other than workbench: the plain forward, raw hooks, nnsight."""
+    import numpy as np
+    import torch
+
+    _, _, n, (lo, hi), batch_size = CASES["n"]
+    model, tokenizer, token_ids = hf_model_and_tokens(n, lo, hi)
+    layers = model.model.layers
+    work = batches(token_ids, batch_size)
+    n_tokens = sum(map(len, token_ids))
+    rss_loaded = peak_rss_mb()
+    kept: list[Any] = []
+    cpu_start = cpu_seconds()
+    start = time.perf_counter()
+    if mode == "hf-forward":
+        with torch.inference_mode():
+            for tokens in work:
+                model(tokens)
+    elif mode == "hf-hooks":
+        def keep(module: Any, args: Any, output: Any) -> None:
+            kept.append((output[0] if isinstance(output, tuple) else output).clone())
+
+        handles = [layer.register_forward_hook(keep) for layer in layers]
+        with torch.inference_mode():
+            for tokens in work:
+                model(tokens)
+        for h in handles:
+            h.remove()
+    else:  # nnsight
+        from nnsight import LanguageModel
+
+        lm = LanguageModel(model, tokenizer=tokenizer)
+        with torch.inference_mode():
+            for tokens in work:
+                saved: list[Any] = []  # filled inside the trace (nnsight runs the block itself)
+                with lm.trace(tokens):
+                    for i in range(len(layers)):
+                        saved.append(lm.model.layers[i].output.save())
+                kept.extend(saved)
+    seconds = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu_start
+    n_layers = len(layers)
+    if kept:  # the first batch's sample layers, real positions only
+        first = work[0]
+        sample = {f"{layer}/{r}": np.asarray((kept[layer][0] if isinstance(kept[layer], tuple) else kept[layer])
+                                              [r, : len(token_ids[r])].float().numpy())
+                  for layer in SAMPLE_LAYERS for r in range(first.shape[0])}
+        np.savez(Path(folder) / f"sample-{mode}.npz", **sample)
+    del kept
+    return {"seconds": seconds, "tokens": n_tokens, "bytes": 0, "cpu": cpu,
+            "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_loaded, "layers": n_layers}
+
+
 def worker(case: str, mode: str, folder: str) -> dict[str, float]:
     import torch
+
+    if mode in ("hf-forward", "hf-hooks", "nnsight"):
+        return peer_worker(mode, folder)
 
     import workbench
     from workbench.capturing.hooks import plan_hooks, select
@@ -88,15 +184,16 @@ def worker(case: str, mode: str, folder: str) -> dict[str, float]:
     bytes_out = 0
     if mode == "store":
         seconds, bytes_out = store_only(model, prompts, hooks, batch_size, Path(folder) / f"store-{case}.h5")
-    elif mode == "capture":
-        out = Path(folder) / f"bench-{case}.h5"
+    elif mode in ("capture", "capture-nolm"):
+        out = Path(folder) / f"bench-{case}-{mode}.h5"
         start = time.perf_counter()
         result = workbench.capture(model, prompts, hooks=hooks, out=out, batch_size=batch_size,
-                                   overwrite=True, progress=False)
+                                   overwrite=True, progress=False, predictions=0 if mode == "capture-nolm" else 10)
         seconds = time.perf_counter() - start
         bytes_out = out.stat().st_size
         assert result.n_prompts == n
-        out.unlink()
+        if case != "n":  # case n's run is kept for the equality check against the peers
+            out.unlink()
     else:
         # the same distinct tensors capture stores, cached by TransformerLens in memory
         names = [s.name for s in plan_hooks(model, select(model, hooks)).specs]
@@ -212,9 +309,14 @@ def main() -> None:
     parser.add_argument("--folder", default=None, help="where the runs are written (default: a temp folder under the repository)")
     parser.add_argument("--write", metavar="FILE", help="write the results as markdown to FILE")
     parser.add_argument("--worker", nargs=3, metavar=("CASE", "MODE", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--peers", action="store_true",
+                        help="case (n) against plain Hugging Face, raw hooks and nnsight (its own section)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker)))
+        return
+    if args.peers:
+        peers_main(args)
         return
     root = Path(args.folder or Path(__file__).resolve().parents[1] / ".cache")
     root.mkdir(parents=True, exist_ok=True)
@@ -243,6 +345,91 @@ def main() -> None:
     if args.write:
         # Only this benchmark's section: the others write their own.
         replace_section(args.write, text.split("\n", 2)[2] if text.startswith("# Benchmarks\n") else text)
+
+
+def peers_main(args: Any) -> None:
+    """Case (n) in every peer mode, interleaved round by round; the machine's load average is
+    read before each round; the stored values are compared with the peers' own."""
+    import numpy as np
+
+    import workbench
+
+    root = Path(args.folder or Path(__file__).resolve().parents[1] / ".cache")
+    root.mkdir(parents=True, exist_ok=True)
+    plan = [("n", m) for m in PEER_MODES]
+    rounds, loads = [], []
+    with tempfile.TemporaryDirectory(dir=root, prefix="bench-") as folder:
+        run_worker("a-small", "forward", folder)  # warm-up
+        for r in range(args.repeats):
+            loads.append(os.getloadavg())
+            this = {key: run_worker(*key, folder) for key in (plan if r % 2 == 0 else plan[::-1])}
+            rounds.append(this)
+            for (_, mode), res in this.items():
+                print(f"round {r + 1} load {loads[-1][0]:.2f} {mode:15} {res['seconds']:7.2f} s  {res['cpu']:6.1f} CPU s"
+                      f"  peak RSS {res['peak_rss_mb']:6.0f} MB", flush=True)
+        # equality: the capture's stored values against each peer's in-memory tensors
+        checks = {}
+        with workbench.open_run(Path(folder) / "bench-n-capture.h5") as run, \
+                workbench.open_run(Path(folder) / "bench-n-capture-nolm.h5") as nolm:
+            for i in range(len(run)):
+                for hook in run.hooks:
+                    assert np.array_equal(run.activation(hook, i), nolm.activation(hook, i)), hook
+            for peer in ("hf-hooks", "nnsight"):
+                sample = np.load(Path(folder) / f"sample-{peer}.npz")
+                worst, count = 0.0, 0
+                for key in sample.files:
+                    layer, row = map(int, key.split("/"))
+                    stored = run.activation(f"blocks.{layer}.hook_resid_post", row)
+                    worst = max(worst, float(np.abs(stored - sample[key]).max()))
+                    count += sample[key].size
+                checks[peer] = (worst, count)
+    text = report_peers(rounds, loads, checks, args.repeats)
+    print(text)
+    if args.write:
+        replace_section(args.write, text)
+
+
+def report_peers(rounds, loads, checks, repeats: int) -> str:
+    import torch
+
+    desc, hooks, n, _, batch = CASES["n"]
+    ratio = [r["n", "capture-nolm"]["seconds"] / r["n", "hf-forward"]["seconds"] for r in rounds]
+    k = sorted(range(len(rounds)), key=lambda j: ratio[j])[len(rounds) // 2]
+    results = rounds[k]
+    ref = results["n", "hf-forward"]["seconds"]
+    nns = results["n", "nnsight"]["seconds"]
+    lines = [
+        "## Capture against peers (`benchmarks/capture_bench.py --peers`)",
+        "",
+        (f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores ({platform.machine()}, "
+         f"torch {torch.__version__}, {torch.get_num_threads()} threads), SmolLM2-135M in float32: {desc}, "
+         f"batch size {batch}, `{' '.join(hooks)}`, {results['n', 'capture']['tokens']:,} tokens; model loading "
+         f"not timed. {repeats} rounds, every mode once per round in a fresh process, interleaved (reversed "
+         "every other round); the table is the median round by capture-without-LM-outputs / plain forward. "
+         "Load average (1 min) before each round: " + ", ".join(f"{x[0]:.2f}" for x in loads) + "."),
+        "",
+        "| mode | seconds | CPU seconds | peak RSS (MB) | vs plain forward |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for mode in PEER_MODES:
+        r = results["n", mode]
+        lines.append(f"| {LABELS[mode]} | {r['seconds']:.2f} | {r['cpu']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['seconds'] / ref:.2f}x |")
+    lines += [
+        "",
+        "- capture without LM outputs / plain forward, per round: " + ", ".join(f"{x:.3f}x" for x in ratio)
+        + f" (target <= 1.05x); against nnsight in the median round: "
+        f"{results['n', 'capture-nolm']['seconds'] / nns:.3f}x.",
+        f"- The default capture (loss and top-10 over the 49,152-token vocabulary at every position) takes "
+        f"{results['n', 'capture']['seconds'] / results['n', 'capture-nolm']['seconds']:.3f}x the capture "
+        "without them.",
+        "- Equality: the run's stored values against each peer's in-memory tensors (first batch, layers "
+        + ", ".join(map(str, SAMPLE_LAYERS)) + ", real positions): "
+        + "; ".join(f"{p}: max |difference| {w:.1e} over {c:,} values" for p, (w, c) in checks.items())
+        + ". The capture without LM outputs stores exactly the default capture's values.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def median(rounds, case: str, mode: str, over: str | None = None) -> float:
