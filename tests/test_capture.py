@@ -190,6 +190,31 @@ def test_no_lm_outputs_with_zero_predictions(tmp_path, llama):
         assert missing_inputs(b, build_analyses().get("next-token"))
 
 
+def test_without_lm_outputs_the_pass_ends_at_the_last_stored_hook(tmp_path, llama):
+    """With no LM outputs the forward pass stops once every stored hook has fired: later layers,
+    the final norm and the unembedding never run, and the stored values are those of a full pass."""
+    prompts = random_prompts(9, seed=4, hi=30)
+    calls = {"final norm": 0, "block 1": 0}
+    handles = [llama.bridge.ln_final.register_forward_hook(lambda *a: calls.__setitem__("final norm", calls["final norm"] + 1)),
+               llama.bridge.blocks[1].register_forward_hook(lambda *a: calls.__setitem__("block 1", calls["block 1"] + 1))]
+    try:
+        hooks = ["blocks.0.hook_resid_post", "blocks.0.attn.hook_pattern"]
+        # one batch per prompt: 9 passes (the capture also probes its hooks, at most twice)
+        workbench.capture(llama, prompts, hooks=hooks, out=tmp_path / "early.h5", predictions=0, batch_size=1,
+                          progress=False)
+        early = dict(calls)
+        assert early["final norm"] <= 2 and early["block 1"] <= 2
+        workbench.capture(llama, prompts, hooks=hooks, out=tmp_path / "full.h5", batch_size=1, progress=False)
+        assert calls["final norm"] - early["final norm"] >= 9 and calls["block 1"] - early["block 1"] >= 9
+    finally:
+        for h in handles:
+            h.remove()
+    with workbench.open_run(tmp_path / "early.h5") as a, workbench.open_run(tmp_path / "full.h5") as b:
+        for i in range(len(a)):
+            for hook in hooks:
+                np.testing.assert_array_equal(a.activation(hook, i), b.activation(hook, i))
+
+
 def test_stored_vocabulary_names_predictions_like_the_tokenizer(big_run, llama):
     _, _, run = big_run
     assert run.has_vocab

@@ -80,6 +80,11 @@ def run_batch(plan: CapturePlan, indices: list[int],
     )
     sink = on_act if on_act is not None else record.acts.__setitem__
     fired: set[str] = set()
+    # Without LM outputs a decoder's pass can end once every stored hook has fired: the layers
+    # after the deepest one, the final norm and the unembedding (a fifth of SmolLM2's work)
+    # compute nothing that is kept.
+    stop_early = plan.family == "decoder" and not plan.has_lm_outputs
+    n_specs = len(plan.hooks.specs)
     # Real (unpadded) rows of each stream in a (batch * width) flattening: one index_select per
     # hook gathers them. Where no padding is to be removed (all lengths equal, e.g. batch size 1)
     # the hooked tensor itself is handed over, without a copy, and the reference keeps it alive
@@ -105,12 +110,20 @@ def run_batch(plan: CapturePlan, indices: list[int],
                 values = t.flatten(0, 1).index_select(0, rows[spec.stream_of_rows()])
             sink(spec.name, _to_storage(values, plan.storage_dtype, spec.name))
             fired.add(spec.name)
+            if stop_early and len(fired) == n_specs:
+                raise _AllStored
 
         return fn
 
+    if plan.family == "decoder":
+        kwargs["use_cache"] = False  # no key-value cache to build: nothing decodes from this pass
+    logits = None
     with torch.inference_mode():
         with model.bridge.hooks(fwd_hooks=[(s.name, make(s)) for s in plan.hooks.specs]):
-            logits = model.forward(tokens, **kwargs)
+            try:
+                logits = model.forward(tokens, **kwargs)
+            except _AllStored:
+                pass
         missing = [s.name for s in plan.hooks.specs if s.name not in fired]
         if missing:
             raise RuntimeError(f"hooks did not fire during capture: {missing}")
@@ -122,6 +135,10 @@ def run_batch(plan: CapturePlan, indices: list[int],
                                       np.asarray(s[name], np.float32)]) for r, s in enumerate(gen_stats)]
             record.fields[f"{plan.lm_stream}/{name}"] = np.concatenate(values)
     return record
+
+
+class _AllStored(Exception):
+    """Raised by the last stored hook of a pass whose remaining computation nothing keeps."""
 
 
 def _real_rows(lengths: list[int], width: int, device: str) -> Any:
