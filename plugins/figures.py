@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 def _figure(figsize: tuple[float, float], rows: int = 1, cols: int = 1, **kw: Any) -> tuple[Any, Any]:
     try:
+        import matplotlib  # noqa: F401  (the package itself: its submodules may be cached without it)
         from matplotlib.figure import Figure
     except ImportError:
         raise UserError("figures need matplotlib: pip install 'workbench[plot]'") from None

@@ -19,6 +19,7 @@ def _figure(figsize: tuple[float, float]) -> Any:
     """A matplotlib Figure with one Axes, made without pyplot: no global state, no backend
     switched (Jupyter's inline backend stays as it is); ``Figure.savefig`` draws with Agg."""
     try:
+        import matplotlib  # noqa: F401  (the package itself: its submodules may be cached without it)
         from matplotlib.figure import Figure
     except ImportError:
         raise UserError("figures need matplotlib: pip install 'workbench[plot]'") from None
