@@ -297,3 +297,31 @@ def test_view_registered_and_import_light(feat):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
+
+
+def test_dashboard_figure_draws_the_stored_feature(feat):
+    """``workbench.show(run, "features", feature=f)``: the histogram, the top contexts and the
+    logit effects drawn are the result's own arrays for that feature (the strongest by default),
+    and the context labels end in the token at the stored position."""
+    import workbench as wb
+
+    _, run, stored, _ = feat
+    a = stored.arrays
+    strongest = int(np.argmax(a["max"]))
+    fig = wb.show(run, "features", result=stored)
+    hist_ax, ctx_ax, logit_ax = fig.axes[:3]
+    assert hist_ax.get_title().startswith(f"feature {strongest}:")
+    f = 3 if strongest != 3 else 4
+    fig = wb.show(run, "features", result=stored, feature=f)
+    hist_ax, ctx_ax, logit_ax = fig.axes[:3]
+    heights = [p.get_width() for p in ctx_ax.patches]
+    values = [float(v) for v, p in zip(a["top_values"][f], a["top_prompt"][f]) if p >= 0][:10]
+    np.testing.assert_allclose(heights, values[::-1], rtol=1e-6)
+    labels = [t.get_text() for t in ctx_ax.get_yticklabels()][::-1]
+    for label, p, t in zip(labels, a["top_prompt"][f], a["top_pos"][f]):
+        assert label.endswith("[" + run.display_tokens(int(p))[int(t)].label + "]")
+    effects = sorted(p.get_width() for p in logit_ax.patches)
+    want = sorted(np.concatenate([a["promoted"][f], a["suppressed"][f]]).astype(float).tolist())
+    np.testing.assert_allclose(effects, want, rtol=1e-6)
+    with pytest.raises(wb.UserError, match="does not exist"):
+        wb.show(run, "features", result=stored, feature=10_000)
