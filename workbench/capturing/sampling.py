@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from workbench.errors import UserError
+from workbench.models import kv_cache
 
 if TYPE_CHECKING:
     from workbench.models.model import Model
@@ -131,6 +132,10 @@ class _Cached:
         self.mask: Any = None
 
     def __call__(self, active: list[int]) -> dict[int, Any]:
+        with kv_cache.passing():
+            return self._step(active)
+
+    def _step(self, active: list[int]) -> dict[int, Any]:
         import torch
 
         device = self.model.device

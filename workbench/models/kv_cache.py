@@ -6,7 +6,11 @@ cache to its attention module as ``cache=`` instead, so the bridge never sees it
 step attends to its new token alone, and generation ignores the prompt (TransformerLens 4.x with
 transformers 5.24: ``bridge.generate(use_past_kv_cache=True)`` on SmolLM2 continues "..., John
 gave a drink to" with "Mary, , , , , ,"). :func:`install` adds a forward pre-hook to each
-attention component that passes the cache under the name the bridge reads. With it, cached
+attention component that passes the cache under the name the bridge reads, inside
+:func:`passing` only: incremental decoding (``workbench.capturing.sampling``) turns it on; every
+other forward pass is left exactly as the bridge runs it (an ordinary pass, where transformers
+also hands a fresh cache down, would otherwise start filling it, and a replay of recorded block
+inputs, as the intervention engine does, would extend a cache already full). With it, cached
 decoding equals recomputing the whole sequence to 4e-5 on SmolLM2's logits (1.5e-7 on the tiny
 models); ``tests/test_generation.py`` checks the tokens.
 
@@ -16,13 +20,29 @@ no-op for a component that already receives ``past_key_values`` or gets no cache
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["install"]
+__all__ = ["install", "passing"]
+
+_state = threading.local()
+
+
+@contextmanager
+def passing() -> Iterator[None]:
+    """Within this block (on this thread), the bridge's attention sees the cache it is handed."""
+    before = getattr(_state, "on", False)
+    _state.on = True
+    try:
+        yield
+    finally:
+        _state.on = before
 
 
 def _pass_cache(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+    if getattr(_state, "on", False) and kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
         kwargs["past_key_values"] = kwargs["cache"]
     return args, kwargs
 
