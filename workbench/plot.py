@@ -10,21 +10,10 @@ import numpy as np
 
 from workbench.errors import UserError
 from workbench.hooknames import layer_of
+from workbench.kit.figures import new_figure
 
 if TYPE_CHECKING:
     from workbench.store.reader import Run
-
-
-def _figure(figsize: tuple[float, float]) -> Any:
-    """A matplotlib Figure with one Axes, made without pyplot: no global state, no backend
-    switched (Jupyter's inline backend stays as it is); ``Figure.savefig`` draws with Agg."""
-    try:
-        import matplotlib  # noqa: F401  (the package itself: its submodules may be cached without it)
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("figures need matplotlib: pip install 'workbench[plot]'") from None
-    fig = Figure(figsize=figsize)
-    return fig, fig.subplots()
 
 
 def _check_prompt(run: Run, i: int) -> None:
@@ -96,7 +85,7 @@ def attention_figure(run: Run, i: int, *, hook: str | None = None, layer: int | 
         values = np.ma.masked_equal(raw, 0.0)
         vmin, vmax, cmap, label = 0.0, 1.0, "viridis", "attention weight"
     size = max(4.0, 0.28 * max(len(q_tokens), len(k_tokens)) + 2)
-    fig, ax = _figure((size + 1, size))
+    fig, ax = new_figure((size + 1, size))
     image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_xticks(range(len(k_tokens)), _labels(k_tokens), rotation=90, fontsize=7)
     ax.set_yticks(range(len(q_tokens)), _labels(q_tokens), fontsize=7)
@@ -132,7 +121,7 @@ def residual_figure(run: Run, i: int, *, log: bool = True, sink: str = "auto") -
     if skip:
         notes.append(f"position 0 left out of the colour scale (its norm reaches {float(norms[:, 0].max()):.4g}; "
                      f"the rest at most {float(scaled.max()):.4g}): it saturates")
-    fig, ax = _figure((max(5.0, 0.3 * len(tokens) + 3), max(3.0, 0.22 * len(labels) + 1.5)))
+    fig, ax = new_figure((max(5.0, 0.3 * len(tokens) + 3), max(3.0, 0.22 * len(labels) + 1.5)))
     from matplotlib.colors import LogNorm, Normalize
 
     positive = scaled[scaled > 0]
