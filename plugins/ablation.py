@@ -85,9 +85,10 @@ def compute_ablation(ctx: AnalysisContext) -> Result:
         n_heads = int(source[hook_names(0)["z"]].shape[1])
         rec: dict[str, Any] = {"index": i, "id": run.prompt_id(i), "n_tokens": len(tokens), "offset": offset,
                                "baseline": iv.baseline, **desc}
-        for c in chosen:
-            rows = ablation_rows(c, n_layers, n_heads, len(tokens), have["mlp"])
-            values = iv.run(rows, source)
+        rows = {c: ablation_rows(c, n_layers, n_heads, len(tokens), have["mlp"]) for c in chosen}
+        every = iv.run([r for c in chosen for r in rows[c]], source)  # one run: the rows share passes
+        cuts = np.cumsum([len(rows[c]) for c in chosen])[:-1]
+        for c, values in zip(chosen, np.split(every, cuts), strict=True):
             per_prompt[c].append(values.reshape(n_layers, -1).T if c == "positions" else
                                  values.reshape(n_layers, n_heads) if c == "heads" else values)
         offset += len(tokens)

@@ -22,10 +22,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from workbench.models import kv_cache
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -38,10 +41,14 @@ if TYPE_CHECKING:
     # row has at the hook (``(positions, ...)``) giving them (see :meth:`Intervener.run`).
     Source: TypeAlias = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
-TOKEN_BUDGET = 8192
+TOKEN_BUDGET = 2048
 """Rows x positions run in one batch (bounds the activations held at once)."""
 LOGIT_BUDGET = 2048
 """Rows x read positions whose full-vocabulary logits are held at once."""
+PASS_OVERHEAD_TOKENS = 48
+"""What one more call of a block costs, in tokens through it (SmolLM2 on 2 cores: about 3 ms of
+Python and small operations against 62 us per token): rows whose first change is a few positions
+later join a pass that starts earlier rather than run a pass of their own (speed only)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,37 @@ class Metric:
         return torch.softmax(last, dim=-1)[:, self.target]
 
 
+class _KVRecord:
+    """In the place of the model's key-value cache on a replay of the clean pass: keeps each
+    block's keys and values (position axis -2) and hands them back unchanged."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.calls = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.kv[layer_idx] = (k.clone(), v.clone())
+        self.calls += 1
+        return k, v
+
+
+class _KVPrefix:
+    """In the place of the cache on a replay of positions ``q ..``: each block's attention sees
+    the clean pass's keys and values of positions ``< q`` before every row's own."""
+
+    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], q: int):
+        self.prefix = {i: (k[..., :q, :], v[..., :q, :]) for i, (k, v) in kv.items()}
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        pk, pv = self.prefix[layer_idx]
+        rows = (k.shape[0], *pk.shape[1:])
+        return torch.cat([pk.expand(rows), k], dim=-2), torch.cat([pv.expand(rows), v], dim=-2)
+
+
 class Intervener:
     """Runs ``model`` on ``tokens`` (one prompt) with rows of edits; see the module's docstring."""
 
@@ -117,10 +155,15 @@ class Intervener:
         self._inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self.base_logits, self.clean = self._clean_pass(keep)
         self.baseline = float(metric(self.base_logits[:, metric.positions]))
+        self._base: dict[str, torch.Tensor] = dict(self.clean)
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.shared_prefix = False
         self.fallback_reason = "not requested"
+        self.shared_positions = False
+        self.positions_reason = "not requested"
         if share_prefix:
             self._check_replay()
+            self._check_suffix()
 
     # --- the clean pass and its replay ---------------------------------------------------------
 
@@ -140,6 +183,14 @@ class Intervener:
             for h in handles:
                 h.remove()
 
+    def _close(self, logits: torch.Tensor) -> str:
+        """Empty when ``logits`` (at the metric's positions) reproduce the model's own, else why not."""
+        full = self.base_logits[:, self.metric.positions]
+        if logits.shape != full.shape:
+            return f"shape {tuple(logits.shape)} instead of {tuple(full.shape)}"
+        err = float((logits - full).abs().max())
+        return "" if err <= 1e-4 * max(1.0, float(full.abs().max())) else f"max error {err:.2g}"
+
     def _check_replay(self) -> None:
         import torch
 
@@ -147,44 +198,110 @@ class Intervener:
                 isinstance(a[0], torch.Tensor) and a[0].shape[:2] == (1, self.n) for a, _ in self._inputs.values()):
             self.fallback_reason = "the blocks' inputs could not be captured"
             return
-        pos = self.metric.positions
         with torch.inference_mode():
             try:
-                replayed = self._replay(0, self._inputs[0][0][0].clone(), pos)
+                replayed = self._replay(0, self._inputs[0][0][0].clone(), self.metric.positions)
             except Exception as exc:  # noqa: BLE001 (any failure: fall back to full forward passes)
                 self.fallback_reason = f"replaying the blocks failed ({type(exc).__name__}: {exc})"
                 return
-        full = self.base_logits[:, pos]
-        err = float((replayed - full).abs().max())
-        tol = 1e-4 * max(1.0, float(full.abs().max()))
-        if replayed.shape != full.shape or not err <= tol:
-            self.fallback_reason = f"replaying the blocks does not reproduce the model's logits (max error {err:.2g})"
+        why = self._close(replayed)
+        if why:
+            self.fallback_reason = f"replaying the blocks does not reproduce the model's logits ({why})"
             return
         self.shared_prefix = True
         self.fallback_reason = ""
 
-    def _replay(self, start: int, x: torch.Tensor | None, positions: list[int],
-                joining: Sequence[int] = ()) -> torch.Tensor:
-        """Blocks ``start ..`` on residual ``x`` (rows, n, d_model), then the final norm and
-        unembedding at ``positions``. Before block ``i``, one row per ``joining`` entry equal to
-        ``i`` joins the batch, holding the clean residual stream entering block ``i``."""
+    def _check_suffix(self) -> None:
+        """Whether rows can start at a later position, on the clean pass's keys and values of the
+        positions before it: the clean pass replayed once keeping each block's keys and values,
+        then from a middle position and from the first read position, each compared with the
+        model's logits."""
         import torch
 
-        counts = np.bincount(np.asarray(joining, dtype=np.int64), minlength=self.n_layers) if len(joining) else None
-        for i in range(start, self.n_layers):
-            args, kwargs = self._inputs[i]
-            if counts is not None and counts[i]:
-                new = args[0].expand(int(counts[i]), -1, -1).clone()
-                x = new if x is None else torch.cat([x, new])
+        lo = min(self.metric.positions)
+        if not self.shared_prefix or lo == 0:
+            self.positions_reason = "the blocks are not replayed" if not self.shared_prefix else \
+                "the metric reads the first position"
+            return
+        record = _KVRecord()
+        x0 = self._inputs[0][0][0]
+        try:
+            with torch.inference_mode(), kv_cache.passing():
+                why = self._close(self._replay(0, x0.clone(), self.metric.positions, cache=record))
+                if sorted(record.kv) != list(range(self.n_layers)) or record.calls != self.n_layers or any(
+                        k.shape[0] != 1 or k.shape[-2] != self.n for k, _ in record.kv.values()):
+                    why = why or "the blocks' attention did not hand over its keys and values once each"
+                self._kv = record.kv
+                for q in sorted({max(1, lo // 2), lo}):
+                    why = why or self._close(self._replay(0, x0[:, q:].clone(), self.metric.positions, q=q))
+        except Exception as exc:  # noqa: BLE001 (any failure: rows start at position 0)
+            why = f"{type(exc).__name__}: {exc}"
+        if why:
+            self._kv = {}
+            self.positions_reason = f"replaying later positions alone does not reproduce the model ({why})"
+            return
+        self.shared_positions = True
+        self.positions_reason = ""
+
+    def _block_args(self, i: int, q: int, cache: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Block ``i``'s arguments after the residual stream as the clean pass gave them: without
+        a cache (``cache`` None), or with ``cache`` in its place and positions ``q ..`` only."""
+        from transformers.cache_utils import Cache
+
+        args, kwargs = self._inputs[i]
+        if cache is None:
             kw = dict(kwargs)
             if "past_key_values" in kw:
                 kw["past_key_values"] = None
             if "use_cache" in kw:
                 kw["use_cache"] = False
-            out = self.bridge.blocks[i](x, *args[1:], **kw)
-            x = out[0] if isinstance(out, tuple) else out
+            return args[1:], kw
+
+        def cut(v: Any) -> Any:
+            if isinstance(v, Cache):
+                return cache
+            if isinstance(v, (tuple, list)):
+                return type(v)(cut(u) for u in v)
+            if not hasattr(v, "shape") or self.n not in v.shape:
+                return v
+            if v.ndim == 4 and tuple(v.shape[-2:]) == (self.n, self.n):  # a mask: rows are queries
+                return v[..., q:, :]
+            if v.ndim >= 2 and v.shape[1] == self.n:  # position ids, rotary cos and sin
+                return v[:, q:]
+            if v.ndim == 1:  # cache positions
+                return v[q:]
+            raise ValueError(f"block {i}: an argument of shape {tuple(v.shape)} has a position axis the "
+                             f"engine does not know")
+
+        rest = tuple(cut(a) for a in args[1:])
+        kw = {k: v if k == "attention_mask" and getattr(v, "ndim", 4) != 4 else cut(v) for k, v in kwargs.items()}
+        if "use_cache" in kw:
+            kw["use_cache"] = False
+        if not any(isinstance(v, Cache) for v in (*args, *kwargs.values())):
+            kw["past_key_values"] = cache
+        return rest, kw
+
+    def _replay(self, start: int, x: torch.Tensor | None, positions: list[int],
+                joining: Sequence[int] = (), q: int = 0, cache: Any = None) -> torch.Tensor:
+        """Blocks ``start ..`` on residual ``x`` (rows, n - q, d_model), then the final norm and
+        unembedding at ``positions``. Before block ``i``, one row per ``joining`` entry equal to
+        ``i`` joins the batch, holding the clean residual stream entering block ``i``. ``q`` > 0:
+        positions ``q ..`` only, attending to the clean pass's keys and values before ``q``."""
+        import torch
+
+        if q:
+            cache = _KVPrefix(self._kv, q)
+        counts = np.bincount(np.asarray(joining, dtype=np.int64), minlength=self.n_layers) if len(joining) else None
+        with kv_cache.passing() if cache is not None else nullcontext():
+            for i in range(start, self.n_layers):
+                if counts is not None and counts[i]:
+                    new = self._inputs[i][0][0][:, q:].expand(int(counts[i]), -1, -1).clone()
+                    x = new if x is None else torch.cat([x, new])
+                rest, kw = self._block_args(i, q, cache)
+                out = self.bridge.blocks[i](x, *rest, **kw)
+                x = out[0] if isinstance(out, tuple) else out
         assert x is not None, "no row joined the batch"
-        return self.bridge.unembed(self.bridge.ln_final(x[:, positions]))
+        return self.bridge.unembed(self.bridge.ln_final(x[:, [p - q for p in positions]]))
 
     # --- activations -----------------------------------------------------------------------------
 
@@ -207,6 +324,42 @@ class Intervener:
 
     # --- rows ------------------------------------------------------------------------------------
 
+    def first_changes(self, rows: Sequence[Row], source: Mapping[str, Source]) -> list[int]:
+        """Per row, the first position its edits change: the first position an edit writes a value
+        that differs, bit for bit, from the clean pass's activation there (0 for an edit whose
+        source is a function, ``n`` for a row that writes only what is already there)."""
+        import torch
+
+        fixed = {e.hook for row in rows for e in row if not callable(source[e.hook])}
+        missing = sorted(fixed - self._base.keys())
+        if missing:
+            self._base.update(self.activations(missing))
+        differs: dict[tuple[str, int | None], np.ndarray | None] = {}
+
+        def changed(e: Edit) -> np.ndarray | None:
+            key = (e.hook, e.head)
+            if key not in differs:
+                src, base = source[e.hook], self._base.get(e.hook)
+                differs[key] = None
+                if not callable(src) and base is not None and base.shape[0] == self.n and src.shape == base.shape:
+                    s, b = (src, base) if e.head is None else (src[:, e.head], base[:, e.head])
+                    differs[key] = (s.to(b.dtype) != b).reshape(self.n, -1).any(1).cpu().numpy()
+            return differs[key]
+
+        out = []
+        with torch.inference_mode():
+            for row in rows:
+                first = self.n
+                for e in row:
+                    d = changed(e)
+                    if d is None:
+                        first = 0
+                        break
+                    hits = np.flatnonzero(d) if e.pos is None else [e.pos] if d[e.pos] else []
+                    first = min(first, int(hits[0]) if len(hits) else self.n)
+                out.append(first)
+        return out
+
     def run(self, rows: Sequence[Row], source: Mapping[str, Source], *, batched: bool = True,
             progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """The metric with each row's edits applied, ``(len(rows),)`` float64. ``source[hook]``
@@ -214,7 +367,11 @@ class Intervener:
         arriving at the hook in that row (``(positions, ...)``, with the row's earlier edits to the
         same hook applied) returning the values to write, same shape: an edit that depends on the
         live activation, such as removing one SAE feature's contribution. ``batched=False``: one
-        full forward pass per row (the reference the batched engine is tested against)."""
+        full forward pass per row (the reference the batched engine is tested against).
+
+        Batched, a row that writes only the values already there (:meth:`first_changes`) is the
+        clean pass, and, where :attr:`shared_positions`, a row whose first change is at position
+        ``q`` runs positions ``q ..`` only (the positions before it are the clean pass's)."""
         import torch
 
         out = np.full(len(rows), self.baseline, dtype=np.float64)  # a row without edits is the clean pass
@@ -225,39 +382,68 @@ class Intervener:
                 if progress:
                     progress(done + 1, len(rows_in))
             return out
-        first = {k: min(e.layer for e in rows[k]) if self.shared_prefix else 0 for k in rows_in}
-        order = sorted(rows_in, key=lambda k: first[k])
-        per_batch = max(1, min(TOKEN_BUDGET // self.n, LOGIT_BUDGET // len(self.metric.positions)))
+        firsts = self.first_changes([rows[k] for k in rows_in], source)
+        lo = min(self.metric.positions) if self.shared_positions else 0
+        qs = {k: min(f, lo) for k, f in zip(rows_in, firsts, strict=True) if f < self.n}
+        first = {k: min(e.layer for e in rows[k]) if self.shared_prefix else 0 for k in qs}
+        done = len(rows_in) - len(qs)
         with torch.inference_mode():
-            for s in range(0, len(order), per_batch):
-                chunk = order[s : s + per_batch]
-                out[chunk] = self._batch([rows[k] for k in chunk], source,
-                                         starts=[first[k] for k in chunk] if self.shared_prefix else None)
-                if progress:
-                    progress(min(s + per_batch, len(order)), len(order))
+            for q, members in self._passes(qs, first):
+                per_batch = max(1, min(TOKEN_BUDGET // (self.n - q), LOGIT_BUDGET // len(self.metric.positions)))
+                for s in range(0, len(members), per_batch):
+                    chunk = members[s : s + per_batch]
+                    out[chunk] = self._batch([rows[k] for k in chunk], source, q=q,
+                                             starts=[first[k] for k in chunk] if self.shared_prefix else None)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, len(rows_in))
         return out
 
+    def _passes(self, qs: dict[int, int], first: dict[int, int]) -> list[tuple[int, list[int]]]:
+        """Rows (by index) grouped into passes that start at position ``q``, each sorted by the
+        block rows join at. Rows of a later start position join an earlier pass when computing
+        the extra positions costs less than the block calls of a pass of their own."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for k in qs:
+            groups[qs[k]].append(k)
+        passes: list[tuple[int, list[int]]] = []
+        for q in sorted(groups):
+            members = groups[q]
+            if passes:
+                work = sum(self.n_layers - first[k] for k in members)  # rows x blocks they run
+                calls = self.n_layers - min(first[k] for k in members)
+                if work * (q - passes[-1][0]) < calls * PASS_OVERHEAD_TOKENS:
+                    passes[-1][1].extend(members)
+                    continue
+            passes.append((q, list(members)))
+        return [(q, sorted(members, key=lambda k: first[k])) for q, members in passes]
+
     def _batch(self, rows: Sequence[Row], source: Mapping[str, Source],
-               starts: Sequence[int] | None) -> np.ndarray:
+               starts: Sequence[int] | None, q: int = 0) -> np.ndarray:
         """The metric for ``rows``: a full forward pass of the batch (``starts`` None), or a replay
         in which row ``r`` joins the batch at block ``starts[r]`` (ascending) with the clean
-        residual stream entering that block: one pass over the blocks whose batch grows."""
+        residual stream entering that block: one pass over the blocks whose batch grows. ``q``:
+        the replay covers positions ``q ..`` (edits before ``q`` write what is already there)."""
         import torch
 
         by_hook: dict[str, list[tuple[int, Edit]]] = defaultdict(list)
         for r, row in enumerate(rows):
             for e in row:
-                by_hook[e.hook].append((r, e))
+                if e.pos is None or e.pos >= q:
+                    by_hook[e.hook].append((r, e))
 
         def make(edits: list[tuple[int, Edit]]) -> Callable[..., Any]:
             def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
                 for r, e in edits:
-                    idx: tuple[Any, ...] = (slice(None) if e.pos is None else e.pos,)
-                    if e.head is not None:
-                        idx += (e.head,)
+                    at: tuple[Any, ...] = (slice(None),) if e.pos is None else (e.pos - q,)
                     src = source[e.hook]
-                    value = src(act[r]) if callable(src) else src
-                    act[(r, *idx)] = value[idx].to(act.dtype)
+                    if callable(src):  # q is 0: the function sees every position
+                        value, take = src(act[r]), at
+                    else:
+                        value, take = src, (slice(q, None),) if e.pos is None else (e.pos,)
+                    if e.head is not None:
+                        at, take = (*at, e.head), (*take, e.head)
+                    act[(r, *at)] = value[take].to(act.dtype)
                 return act
             return fn
 
@@ -267,7 +453,7 @@ class Intervener:
             if starts is None:
                 logits = self.bridge(self.tokens.expand(len(rows), -1))[:, pos]
             else:
-                logits = self._replay(starts[0], None, pos, joining=starts)
+                logits = self._replay(starts[0], None, pos, joining=starts, q=q)
         return self.metric(logits).cpu().numpy()
 
     # --- gradients (attribution patching) --------------------------------------------------------

@@ -132,8 +132,10 @@ def compute_patching(ctx: AnalysisContext) -> Result:
         scale = denom if abs(denom) >= 1e-9 else float("nan")
         grad_value, corrupt_acts, grads = iv.gradients(hooks) if params["attribution"] else (None, {}, {})
         correlations: dict[str, float | None] = {}
-        for c in chosen:
-            values = iv.run(patch_rows(c, n_layers, n_heads, len(clean)), clean_acts)
+        rows = {c: patch_rows(c, n_layers, n_heads, len(clean)) for c in chosen}
+        every = iv.run([r for c in chosen for r in rows[c]], clean_acts)  # one run: the rows share passes
+        cuts = np.cumsum([len(rows[c]) for c in chosen])[:-1]
+        for c, values in zip(chosen, np.split(every, cuts), strict=True):
             real = ((values - iv.baseline) / scale).reshape(n_layers, -1)
             real = real if c == "heads" else real.T  # heads: (layers, heads); else (positions, layers)
             out[c].append(real)

@@ -54,6 +54,7 @@ def test_batched_engine_equals_one_hooked_pass_per_row(llama, kind):
     metric = Metric(kind, tokens, target=int(tokens[2]))
     iv = Intervener(model, tokens, metric)
     assert iv.shared_prefix, iv.fallback_reason
+    assert iv.shared_positions == (kind == "logit"), iv.positions_reason  # loss reads position 0
     n_layers, n = len(model.bridge.blocks), len(tokens)
     hooks = [hook_names(layer)[k] for layer in range(n_layers) for k in ("z", "attn", "mlp", "resid")]
     acts = iv.activations(hooks)
@@ -100,6 +101,43 @@ def test_patching_end_points(llama):
     whole, nothing = (iv.run([everything, ()], source) - iv.baseline) / (clean_value - iv.baseline)
     assert abs(clean_value - iv.baseline) > 1e-3
     assert abs(whole - 1.0) < 1e-6 and nothing == 0.0  # float32 in a batch: measured 1e-7 from 1
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_rows_run_from_their_first_changed_position(tiny_models, name):
+    """A row whose edits leave every position before q as it was runs positions q.. only, on the
+    clean pass's keys and values before q (Llama's cache is a keyword, GPT-2's a positional
+    argument), and still equals one hooked pass per row; a row that writes only what is already
+    there is the clean pass itself."""
+    model = tiny_models[name]
+    tokens = model.tokenize("the cat sat on the mat")
+    n, n_layers = len(tokens), len(model.bridge.blocks)
+    metric = Metric("logit", tokens, target=int(tokens[2]))
+    iv = Intervener(model, tokens, metric)
+    assert iv.shared_positions, iv.positions_reason
+    assert not Intervener(model, tokens, Metric("loss", tokens)).shared_positions  # reads position 0
+    resid, z = hook_names(1)["resid"], hook_names(0)["z"]
+    acts = iv.activations([resid, z])
+    rng = torch.Generator().manual_seed(1)
+    source = {h: a.clone() for h, a in acts.items()}  # the clean values, then changed from a position on
+    source[resid][3:] = torch.randn(source[resid][3:].shape, generator=rng)
+    source[z][n - 2:, 1] = torch.randn(source[z][n - 2:, 1].shape, generator=rng)
+    rows = [(Edit(resid, 1, pos=p),) for p in range(n)]
+    rows += [(Edit(resid, 1),), (Edit(z, 0, head=1),), (Edit(z, 0, head=0),), (Edit(z, 0, head=1), Edit(resid, 1, pos=4))]
+    assert iv.first_changes(rows, source) == [n, n, n, *range(3, n), 3, n - 2, n, min(4, n - 2)]
+    lengths = []
+    hook = model.bridge.blocks[n_layers - 1].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    try:
+        batched = iv.run(rows, source)
+    finally:
+        hook.remove()
+    assert lengths and max(lengths) <= n - 3  # no pass ran the positions before 3
+    oracle = [_hooked_metric(model, tokens, metric, [(e.hook, e.pos, e.head, source[e.hook]) for e in row])
+              for row in rows]
+    np.testing.assert_allclose(batched, oracle, atol=1e-5, rtol=0)
+    for k in (0, 1, 2, n + 2):  # nothing changed: the clean pass, bit for bit, as one hooked pass gives it
+        assert batched[k] == iv.baseline and oracle[k] == pytest.approx(iv.baseline, abs=1e-6)
+    assert np.ptp(batched) > 1e-3
 
 
 def test_attribution_is_the_derivative_of_the_real_patch(llama):

@@ -11,6 +11,7 @@ This module imports neither torch nor TransformerLens; analyses import them insi
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import re
@@ -427,6 +428,7 @@ def analyze(run: Run, analyses: list[Analysis], params: dict[str, dict[str, Any]
     propagates instead (results already stored stay). Inputs are checked first: an analysis the
     run cannot feed is a :class:`UserError` before anything runs.
     """
+    from workbench.capturing.malloc import freed_memory_kept
     from workbench.store import results as R
 
     params = params or {}
@@ -468,7 +470,10 @@ def analyze(run: Run, analyses: list[Analysis], params: dict[str, dict[str, Any]
         error = tb = None
         result = Result()
         try:
-            out = a.compute(ctx)
+            # Forward passes over big batches allocate and free blocks above glibc's mmap threshold
+            # all the time; kept for reuse, they are not page-faulted in and zeroed again each time.
+            with freed_memory_kept() if a.needs_model or a.may_use_model else contextlib.nullcontext():
+                out = a.compute(ctx)
             result = out if isinstance(out, Result) else Result(data=dict(out))
             R.check_storable(result)
         except UserError:
