@@ -138,6 +138,7 @@ def main() -> None:
         o, n = np.median(seconds["old"][a]), np.median(seconds["new"][a])
         per = ", ".join(f"{x / y:.2f}" for x, y in zip(seconds["old"][a], seconds["new"][a], strict=True))
         lines.append(f"| {a} | {o:.1f} s | {n:.1f} s | {per} | {o / n:.2f}× | {diffs[a]:.1e} |")
+    lines += ["", "What changed, and why ablation gains less than patching: docs/analyses.md, \"The engine\"."]
     table = "\n".join(lines) + "\n"
     print(table)
     if args.write:

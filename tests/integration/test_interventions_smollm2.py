@@ -28,7 +28,7 @@ def test_smollm2_batched_ablations_equal_hooked_passes(smollm2):
     iv = Intervener(smollm2, tokens, metric)
     assert iv.shared_prefix, iv.fallback_reason
     rows = [(Edit(hook_names(layer)["z"], layer, head=h),) for layer in (0, 23, 29) for h in range(9)]
-    rows += [(Edit(hook_names(12)["resid"], 12, pos=p),) for p in range(len(tokens))]
+    rows += [(Edit(hook_names(layer)["resid"], layer, pos=p),) for layer in (10, 12) for p in range(len(tokens))]
     acts = iv.activations([e.hook for row in rows for e in row])
     source = {h: torch.zeros_like(a) for h, a in acts.items()}
     batched = iv.run(rows, source)
@@ -46,7 +46,12 @@ def test_smollm2_batched_ablations_equal_hooked_passes(smollm2):
         with torch.inference_mode():
             logits = smollm2.bridge.run_with_hooks(torch.tensor([tokens]), fwd_hooks=[(e.hook, zero)])
         oracle.append(float(logits[0, -1, mary] - logits[0, -1, john]))
-    np.testing.assert_allclose(batched, oracle, atol=1e-5, rtol=0)
+    # A residual row at position p runs positions p.. only (its earlier positions attend to the
+    # clean pass's keys and values): shorter float32 products round differently. Over all 750
+    # ablation rows of this prompt: up to 4.3e-5 (blocks.10, position 13); rows run from position
+    # 0: 0.0. A wrong key-value prefix moves these values by 0.1 or more.
+    np.testing.assert_allclose(batched, oracle, atol=1e-4, rtol=0)
+    assert iv.shared_positions, iv.positions_reason
     assert iv.baseline == pytest.approx(6.12, abs=0.01)
 
 
