@@ -16,6 +16,14 @@ passed them on the clean pass). Before relying on that, the engine replays the c
 block 0 and compares it with the model's own logits; a model whose blocks cannot be replayed
 (anything the model does after the last block besides the final norm and unembedding) falls back
 to full forward passes, still batched. ``Intervener.shared_prefix`` says which it used.
+
+Attention is causal, so a row whose edits leave every position before ``q`` as it was (what an
+edit writes there equals the clean pass's activation, bit for bit) runs positions ``q ..`` only:
+each block's attention gets the clean pass's keys and values of the earlier positions in the
+place of the model's key-value cache (:class:`_KVPrefix`, through the bridge's cache path that
+``workbench.models.kv_cache`` fixes). A row that writes only what is already there is the clean
+pass. This is checked like the replay, from two start positions, and off where it does not hold
+(``Intervener.shared_positions``, ``positions_reason``).
 """
 
 from __future__ import annotations
