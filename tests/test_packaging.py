@@ -112,7 +112,7 @@ def test_sdist_holds_what_builds_the_wheel(dists):
     wanted = {f"{folder}/{name.split('/', 1)[1]}" for name in _source_files()
               for folder, package in PACKAGE_DIRS.items() if name.startswith(package + "/")}
     assert sorted(wanted - names) == []
-    assert {"pyproject.toml", "README.md", "CHANGELOG.md", "PKG-INFO"} <= names
+    assert {"pyproject.toml", "README.md", "CHANGELOG.md", "LICENSE", "PKG-INFO"} <= names
     assert not any(n.startswith("tests/") for n in names)  # they need the whole repository
     assert dists["sdist"].name == f"workbench-{version}.tar.gz"
 
@@ -123,6 +123,9 @@ def test_wheel_metadata_declares_the_entry_points_and_extras(dists):
         info = next(n.split("/")[0] for n in z.namelist() if n.endswith(".dist-info/METADATA"))
         entry_points = z.read(f"{info}/entry_points.txt").decode()
         metadata = z.read(f"{info}/METADATA").decode()
+        license_text = z.read(f"{info}/licenses/LICENSE")
+    assert license_text == (REPO / "LICENSE").read_bytes()
+    assert "License-Expression: MIT" in metadata.splitlines() and "License-File: LICENSE" in metadata
     parsed = configparser.ConfigParser()
     parsed.optionxform = str  # keep names as written
     parsed.read_string(entry_points)
