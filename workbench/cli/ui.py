@@ -19,15 +19,25 @@ from workbench.errors import UserError
 VIEWS = ["attention", "residual", "topk", "info", "results", "qkv", "vectors"]
 
 
+def app_options(where: str) -> Any:
+    """The runs and the options of the app that ``tui`` runs and ``serve`` serves, one definition
+    for both (``where``: whose app and files the help speaks of)."""
+
+    def decorate(f: Any) -> Any:
+        f = click.option("--export-dir", type=click.Path(), default=".",
+                         help=f"Where 's' saves SVG screenshots{where} (created, with its parents, if "
+                              "missing).  [default: the current folder]")(f)
+        f = click.option("--prompt", "prompt_index", type=click.IntRange(min=0), default=0, show_default=True,
+                         help="Index of the prompt to open on.")(f)
+        f = click.option("--view", type=click.Choice(VIEWS), default="attention", show_default=True,
+                         help="The view to open on.")(f)
+        return click.argument("run_paths", metavar="[RUN]...", nargs=-1)(f)
+
+    return decorate
+
+
 @cli.command("tui")
-@click.argument("run_paths", metavar="[RUN]...", nargs=-1)
-@click.option("--view", type=click.Choice(VIEWS), default="attention", show_default=True,
-              help="The view to open on.")
-@click.option("--prompt", "prompt_index", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Index of the prompt to open on.")
-@click.option("--export-dir", type=click.Path(), default=".",
-              help="Where 's' saves SVG screenshots (created, with its parents, if missing).  "
-                   "[default: the current folder]")
+@app_options("")
 def tui_cmd(run_paths: tuple[str, ...], view: str, prompt_index: int, export_dir: str) -> None:
     """Browse runs in the terminal: prompts, tokens, attention heatmaps, residual-stream norms,
     top-k predictions, metadata, and analysis results (with their plugins' views).
@@ -44,14 +54,7 @@ def tui_cmd(run_paths: tuple[str, ...], view: str, prompt_index: int, export_dir
 
 
 @cli.command("serve")
-@click.argument("run_paths", metavar="[RUN]...", nargs=-1)
-@click.option("--view", type=click.Choice(VIEWS), default="attention", show_default=True,
-              help="The view each visitor's app opens on.")
-@click.option("--prompt", "prompt_index", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Index of the prompt to open on.")
-@click.option("--export-dir", type=click.Path(), default=".",
-              help="Where 's' saves SVG screenshots, on the server (created if missing).  "
-                   "[default: the current folder]")
+@app_options(", on the server")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. The page has no password: any other address lets "
                    "whoever reaches it browse the runs (prefer ssh -L).")
