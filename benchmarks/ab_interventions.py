@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from sections import replace_section
+from sections import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD = "## Interventions: ablation and patching before and after"
@@ -139,10 +139,7 @@ def main() -> None:
         per = ", ".join(f"{x / y:.2f}" for x, y in zip(seconds["old"][a], seconds["new"][a], strict=True))
         lines.append(f"| {a} | {o:.1f} s | {n:.1f} s | {per} | {o / n:.2f}× | {diffs[a]:.1e} |")
     lines += ["", "What changed, and why ablation gains less than patching: docs/analyses.md, \"The engine\"."]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.write:
-        replace_section(args.write, table)
+    publish(lines, args.write)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,11 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sections import replace_section
+from sections import publish
 
 HEAD = "## Capture: where the time goes (`benchmarks/capture_causes.py`)"
 ROUNDS = 3
@@ -77,7 +77,9 @@ def capture_causes(model: Any, prompts: list[str], hooks: list[str], batch_size:
         (RunWriter, "write_act", "writer"), (RunWriter, "commit", "writer"),
     ]
     start = time.perf_counter()
-    with _all(timed(owner, name, t, key) for owner, name, key in patches):
+    with ExitStack() as stack:
+        for owner, name, key in patches:
+            stack.enter_context(timed(owner, name, t, key))
         workbench.capture(model, prompts, hooks=hooks, out=out, batch_size=batch_size, overwrite=True,
                           progress=False, predictions=predictions)
     total = time.perf_counter() - start
@@ -85,16 +87,6 @@ def capture_causes(model: Any, prompts: list[str], hooks: list[str], batch_size:
     return {"total": total, CAUSES[0]: total - t["loop"], CAUSES[1]: t["copies"], CAUSES[2]: t["lm"],
             CAUSES[3]: t["waits"], CAUSES[4]: t["batches"] - t["copies"] - t["lm"] - t["waits"],
             "writer": t["writer"]}
-
-
-@contextmanager
-def _all(managers: Any) -> Iterator[None]:
-    from contextlib import ExitStack
-
-    with ExitStack() as stack:
-        for m in managers:
-            stack.enter_context(m)
-        yield
 
 
 def plain_forward(model: Any, token_ids: list[list[int]], batch_size: int) -> float:
@@ -159,10 +151,8 @@ def main() -> None:
              "",
              "| | capture | capture --predictions 0 |",
              "|---|---:|---:|"]
-    for mode_total in ("total",):
-        lines.append(f"| whole capture | {med('capture', mode_total):.2f} s "
-                     f"({med('capture', mode_total) / fwd:.2f}×) | {med('capture --predictions 0', mode_total):.2f} s "
-                     f"({med('capture --predictions 0', mode_total) / fwd:.2f}×) |")
+    lines.append(f"| whole capture | {med('capture', 'total'):.2f} s ({med('capture', 'total') / fwd:.2f}×) | "
+                 f"{med('capture --predictions 0', 'total'):.2f} s ({med('capture --predictions 0', 'total') / fwd:.2f}×) |")
     for cause in CAUSES:
         lines.append(f"| {cause} | {med('capture', cause):.2f} s | {med('capture --predictions 0', cause):.2f} s |")
     lines.append(f"| (writer thread: HDF5 writes and commits, alongside) | {med('capture', 'writer'):.2f} s | "
@@ -171,10 +161,7 @@ def main() -> None:
               f"per round: {', '.join(format(x['total'], '.2f') for x in runs['forward'])} s. Without LM outputs "
               "a decoder's pass ends once the last stored hook has fired (here after block 29): the final norm "
               "and the 576 x 49,152 unembedding, which the plain forward runs, are skipped."]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.write:
-        replace_section(args.write, table)
+    publish(lines, args.write)
 
 
 if __name__ == "__main__":

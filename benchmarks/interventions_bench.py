@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from sections import replace_section
+from sections import publish
 
 ROUNDS = 3
 PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -102,10 +102,7 @@ def main() -> None:
     ]
     for label, med, lo, hi, diff in results:
         lines.append(f"| {label} | {med:.2f} s | {lo:.2f} – {hi:.2f} s | {med / loop_s:.2f}× | {diff:.1e} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.write:
-        replace_section(args.write, table)
+    publish(lines, args.write)
 
 if __name__ == "__main__":
     main()

@@ -20,3 +20,12 @@ def replace_section(path: str | Path, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + body
     target.write_text(text)
+
+
+def publish(lines: list[str], write: str | Path | None) -> None:
+    """Print a benchmark's section (``lines``, starting with its ``## Title``) and, with
+    ``write``, put it into that markdown file (:func:`replace_section`)."""
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if write:
+        replace_section(write, section)

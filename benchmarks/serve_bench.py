@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/browser.py
-from sections import replace_section  # noqa: E402
+from sections import publish  # noqa: E402
 from tui_bench import first_screen  # noqa: E402
 
 from tests import browser as B  # noqa: E402
@@ -129,10 +129,7 @@ def main() -> None:
         lines.append(f"| {n} | {med:.2f} s | {lo:.2f} – {hi:.2f} s | "
                      f"{f'{tmux:.2f} s' if tmux is not None else '–'} | {rss_ / MB:.0f} MB "
                      f"| {uss_ / MB:.0f} MB | {srv / MB:.0f} MB |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.write:
-        replace_section(args.write, table)
+    publish(lines, args.write)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sections import replace_section
+from sections import publish
 
 ROUNDS = 5
 CASES = {
@@ -111,10 +111,7 @@ def main() -> None:
     for name, desc, size, med, lo, hi, step in rows:
         lines.append(f"| {name}: {desc} | {size / 1e6:,.1f} MB | {med:.2f} s | {lo:.2f} – {hi:.2f} s "
                      f"| {step:.2f} s | {med / small:.2f}× |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.write:
-        replace_section(args.write, table)
+    publish(lines, args.write)
     if not args.folder:
         shutil.rmtree(folder, ignore_errors=True)
 
