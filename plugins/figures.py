@@ -26,10 +26,6 @@ if TYPE_CHECKING:
     from workbench.store.results import StoredResult
 
 
-def _constrained(figsize: tuple[float, float], rows: int = 1, cols: int = 1, **kw: Any) -> tuple[Any, Any]:
-    return new_figure(figsize, rows, cols, layout="constrained", **kw)
-
-
 def _record(stored: StoredResult, prompt: int) -> dict[str, Any]:
     for rec in stored.data.get("prompts", []):
         if int(rec["index"]) == prompt:
@@ -55,7 +51,7 @@ def lens_grid(stored: StoredResult, run: Run, prompt: int = 0, rank: bool = Fals
     ranks = a["target_rank"][off:off + n].astype(np.float64)
     tokens = [t.label for t in run.display_tokens(prompt)][first:stop]
     values = (np.log10(np.where(ranks > 0, ranks, np.nan)) if rank else probs).T[::-1]
-    fig, ax = _constrained((max(6.0, 0.9 * n + 2), max(3.0, 0.32 * len(labels) + 1.5)))
+    fig, ax = new_figure((max(6.0, 0.9 * n + 2), max(3.0, 0.32 * len(labels) + 1.5)), layout="constrained")
     image = ax.imshow(values, cmap="viridis_r" if rank else "viridis", aspect="auto", interpolation="nearest",
                       vmin=0.0, vmax=None if rank else 1.0)
     words = dict(zip(np.unique(top).tolist(), (t.label for t in run.display_ids(np.unique(top)))))
@@ -85,7 +81,7 @@ def dla_bars(stored: StoredResult, run: Run, prompt: int = 0) -> Any:
     heads = a["heads"][prompt]
     attn = heads.sum(1) + np.nan_to_num(a["attn_bias"][prompt])
     mlp = a["mlp"][prompt]
-    fig, (left, right) = _constrained((11, max(3.5, 0.25 * len(rec["top"]) + 1.5)), 1, 2)
+    fig, (left, right) = new_figure((11, max(3.5, 0.25 * len(rec["top"]) + 1.5)), 1, 2, layout="constrained")
     names = [c["component"] for c in rec["top"]][::-1]
     vals = [c["value"] for c in rec["top"]][::-1]
     left.barh(range(len(vals)), vals, color=["tab:green" if v > 0 else "tab:red" for v in vals])
@@ -115,7 +111,7 @@ def feature_dashboard(stored: StoredResult, run: Run, prompt: int = 0, feature: 
         raise UserError(f"feature {feature} does not exist: this result has features 0..{n - 1}")
     f = feature
     panels = 3 if "promoted_ids" in a else 2
-    fig, axes = _constrained((5.0 * panels, 4.0), 1, panels)
+    fig, axes = new_figure((5.0 * panels, 4.0), 1, panels, layout="constrained")
     edges = np.asarray(a["hist_edges"], dtype=np.float64)
     axes[0].stairs(np.asarray(a["hist"][f], dtype=np.int64), 10 ** edges, fill=True)
     axes[0].set_xscale("log")
