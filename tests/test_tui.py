@@ -269,7 +269,9 @@ def test_prompts_appear_while_the_capture_writes(tmp_path):
             while time.monotonic() < end:
                 await pilot.pause(0.2)
                 counts.append(app._listed)
-                if app.active_run.status == "complete":
+                # reopened under its final name by the poll, which sets the title in the same step
+                # (the live status alone can turn complete between two polls)
+                if not app.active_run.is_partial:
                     break
             return counts, app.active_run.status, app.sub_title
 
