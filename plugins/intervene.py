@@ -98,8 +98,15 @@ class Metric:
         n = len(self.tokens)
         return list(range(n - 1)) if self.kind == "loss" else [n - 1]
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits``: (rows, len(positions), vocab) -> (rows,) float64."""
+    @property
+    def columns(self) -> list[int] | None:
+        """The vocabulary entries whose logits the metric reads (None: it needs all of them)."""
+        return [self.target] if self.kind == "logit" else [self.target, self.wrong] \
+            if self.kind == "logit_diff" else None  # type: ignore[list-item]
+
+    def __call__(self, logits: torch.Tensor, narrow: bool = False) -> torch.Tensor:
+        """``logits``: (rows, len(positions), vocab) -> (rows,) float64. ``narrow``: the logits
+        hold only the :attr:`columns`, in that order."""
         import torch
 
         x = logits.to(torch.float64)
@@ -108,10 +115,11 @@ class Metric:
             logp = torch.log_softmax(x, dim=-1)
             return -logp.gather(-1, nxt.expand(x.shape[0], -1)[..., None])[..., 0].mean(-1)
         last = x[:, -1]
+        target, wrong = (0, 1) if narrow else (self.target, self.wrong)
         if self.kind == "logit":
-            return last[:, self.target]
+            return last[:, target]
         if self.kind == "logit_diff":
-            return last[:, self.target] - last[:, self.wrong]
+            return last[:, target] - last[:, wrong]
         return torch.softmax(last, dim=-1)[:, self.target]
 
 
@@ -165,6 +173,7 @@ class Intervener:
         self.baseline = float(metric(self.base_logits[:, metric.positions]))
         self._base: dict[str, torch.Tensor] = dict(self.clean)
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._narrow: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.shared_prefix = False
         self.fallback_reason = "not requested"
         self.shared_positions = False
@@ -191,9 +200,10 @@ class Intervener:
             for h in handles:
                 h.remove()
 
-    def _close(self, logits: torch.Tensor) -> str:
-        """Empty when ``logits`` (at the metric's positions) reproduce the model's own, else why not."""
-        full = self.base_logits[:, self.metric.positions]
+    def _close(self, logits: torch.Tensor, columns: list[int] | None = None) -> str:
+        """Empty when ``logits`` (at the metric's positions; only ``columns`` if given) reproduce
+        the model's own, else why not."""
+        full = self.base_logits[:, self.metric.positions][..., slice(None) if columns is None else columns]
         if logits.shape != full.shape:
             return f"shape {tuple(logits.shape)} instead of {tuple(full.shape)}"
         err = float((logits - full).abs().max())
@@ -208,16 +218,30 @@ class Intervener:
             return
         with torch.inference_mode():
             try:
-                replayed = self._replay(0, self._inputs[0][0][0].clone(), self.metric.positions)
+                normed = self._replay(0, self._inputs[0][0][0].clone(), self.metric.positions)
             except Exception as exc:  # noqa: BLE001 (any failure: fall back to full forward passes)
                 self.fallback_reason = f"replaying the blocks failed ({type(exc).__name__}: {exc})"
                 return
-        why = self._close(replayed)
-        if why:
-            self.fallback_reason = f"replaying the blocks does not reproduce the model's logits ({why})"
-            return
-        self.shared_prefix = True
-        self.fallback_reason = ""
+            why = self._close(self.bridge.unembed(normed))
+            if why:
+                self.fallback_reason = f"replaying the blocks does not reproduce the model's logits ({why})"
+                return
+            self.shared_prefix = True
+            self.fallback_reason = ""
+            # A metric that reads a few logits takes them from those rows of the unembedding
+            # (49,152 rows on SmolLM2: a third of patching's time went to logits nobody read).
+            lin, columns = getattr(self.bridge.unembed, "original_component", None), self.metric.columns
+            if columns is not None and isinstance(lin, torch.nn.Linear):
+                self._narrow = (lin.weight[columns], None if lin.bias is None else lin.bias[columns])
+                if self._close(self._logits(normed, narrow=True), columns):
+                    self._narrow = None
+
+    def _logits(self, normed: torch.Tensor, narrow: bool) -> torch.Tensor:
+        """The unembedding of the final norm's output: every logit, or (``narrow``) the metric's
+        :attr:`Metric.columns` only."""
+        from torch.nn.functional import linear
+
+        return linear(normed, *self._narrow) if narrow else self.bridge.unembed(normed)  # type: ignore[misc]
 
     def _check_suffix(self) -> None:
         """Whether rows can start at a later position, on the clean pass's keys and values of the
@@ -235,13 +259,15 @@ class Intervener:
         x0 = self._inputs[0][0][0]
         try:
             with torch.inference_mode(), kv_cache.passing():
-                why = self._close(self._replay(0, x0.clone(), self.metric.positions, cache=record))
+                why = self._close(self.bridge.unembed(self._replay(0, x0.clone(), self.metric.positions,
+                                                                    cache=record)))
                 if sorted(record.kv) != list(range(self.n_layers)) or record.calls != self.n_layers or any(
                         k.shape[0] != 1 or k.shape[-2] != self.n for k, _ in record.kv.values()):
                     why = why or "the blocks' attention did not hand over its keys and values once each"
                 self._kv = record.kv
                 for q in sorted({max(1, lo // 2), lo}):
-                    why = why or self._close(self._replay(0, x0[:, q:].clone(), self.metric.positions, q=q))
+                    why = why or self._close(self.bridge.unembed(
+                        self._replay(0, x0[:, q:].clone(), self.metric.positions, q=q)))
         except Exception as exc:  # noqa: BLE001 (any failure: rows start at position 0)
             why = f"{type(exc).__name__}: {exc}"
         if why:
@@ -291,8 +317,8 @@ class Intervener:
 
     def _replay(self, start: int, x: torch.Tensor | None, positions: list[int],
                 joining: Sequence[int] = (), q: int = 0, cache: Any = None) -> torch.Tensor:
-        """Blocks ``start ..`` on residual ``x`` (rows, n - q, d_model), then the final norm and
-        unembedding at ``positions``. Before block ``i``, one row per ``joining`` entry equal to
+        """Blocks ``start ..`` on residual ``x`` (rows, n - q, d_model), then the final norm at
+        ``positions`` (unembedding it: :meth:`_logits`). Before block ``i``, one row per ``joining`` entry equal to
         ``i`` joins the batch, holding the clean residual stream entering block ``i``. ``q`` > 0:
         positions ``q ..`` only, attending to the clean pass's keys and values before ``q``."""
         import torch
@@ -309,7 +335,7 @@ class Intervener:
                 out = self.bridge.blocks[i](x, *rest, **kw)
                 x = out[0] if isinstance(out, tuple) else out
         assert x is not None, "no row joined the batch"
-        return self.bridge.unembed(self.bridge.ln_final(x[:, [p - q for p in positions]]))
+        return self.bridge.ln_final(x[:, [p - q for p in positions]])  # type: ignore[no-any-return]
 
     # --- activations -----------------------------------------------------------------------------
 
@@ -457,12 +483,14 @@ class Intervener:
 
         fwd = [(h, make(edits)) for h, edits in by_hook.items()]
         pos = self.metric.positions
+        # the narrow unembedding bypasses the unembedding's hooks: not for a row that edits them
+        narrow = starts is not None and self._narrow is not None and all(h.startswith("blocks.") for h in by_hook)
         with torch.inference_mode(), self.bridge.hooks(fwd_hooks=fwd):
             if starts is None:
                 logits = self.bridge(self.tokens.expand(len(rows), -1))[:, pos]
             else:
-                logits = self._replay(starts[0], None, pos, joining=starts, q=q)
-        return self.metric(logits).cpu().numpy()
+                logits = self._logits(self._replay(starts[0], None, pos, joining=starts, q=q), narrow)
+        return self.metric(logits, narrow).cpu().numpy()
 
     # --- gradients (attribution patching) --------------------------------------------------------
 

@@ -55,6 +55,7 @@ def test_batched_engine_equals_one_hooked_pass_per_row(llama, kind):
     iv = Intervener(model, tokens, metric)
     assert iv.shared_prefix, iv.fallback_reason
     assert iv.shared_positions == (kind == "logit"), iv.positions_reason  # loss reads position 0
+    assert (iv._narrow is not None) == (kind == "logit")  # one row of the unembedding, or all of it
     n_layers, n = len(model.bridge.blocks), len(tokens)
     hooks = [hook_names(layer)[k] for layer in range(n_layers) for k in ("z", "attn", "mlp", "resid")]
     acts = iv.activations(hooks)
