@@ -65,6 +65,28 @@ def test_gguf_file_loads_and_matches_the_original_weights(isolated_cache, tiny_g
     assert info.bos.policy == "tokenizer" and info.bos.prefix == ()
 
 
+def test_a_conversion_parses_the_gguf_once(isolated_cache, tiny_gguf, monkeypatch):
+    """transformers reads the file three times (tokenizer, config, weights) and the quantisation
+    label once more: the four share one parsed reader, and the model still equals the original."""
+    import gguf
+
+    path, hf, tok = tiny_gguf
+    parsed = []
+    real = gguf.GGUFReader
+
+    def counting(*args, **kwargs):
+        parsed.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    model = workbench.load_model(str(path), device="cpu", progress=False)
+    assert [os.path.realpath(p) for p in parsed] == [os.path.realpath(path)]
+    assert gguf.GGUFReader is counting  # put back afterwards
+    ids = torch.tensor([tok("Héllo 🙂 world, tokens!")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model.forward(ids), hf(ids).logits)
+
+
 def test_cached_load_is_bit_identical_to_fresh_conversion(isolated_cache, tiny_gguf):
     path, _, _ = tiny_gguf
     fresh = workbench.load_model(str(path), device="cpu", progress=False)
