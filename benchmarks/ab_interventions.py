@@ -56,6 +56,15 @@ print(json.dumps({"seconds": seconds, "plugins": workbench_plugins.__file__}))
 """ % (ANALYSES,)
 
 
+def capture_ioi(out: Path) -> None:
+    """The run both intervention benchmarks analyse: SmolLM2 on examples/ioi.jsonl (one small
+    hook: the analyses run the model themselves), captured by this checkout's CLI."""
+    subprocess.run([sys.executable, "-m", "workbench.cli", "capture", "-m", "smollm2-135m", "--prompts",
+                    str(ROOT / "examples" / "ioi.jsonl"), "--hooks", "blocks.0.hook_resid_pre",
+                    "--predictions", "0", "-o", str(out)],
+                   check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT, capture_output=True)
+
+
 def worker(tree: Path, shim: Path, run: Path, out: Path) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": f"{shim}{os.pathsep}{tree}", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", WORKER, str(run), str(out)], capture_output=True, text=True,
@@ -93,10 +102,7 @@ def main() -> None:
             trees = {"old": old, "new": ROOT}
             runs, shims = {}, {}
             first = base / "ioi.h5"
-            subprocess.run([sys.executable, "-m", "workbench.cli", "capture", "-m", "smollm2-135m", "--prompts",
-                            str(ROOT / "examples" / "ioi.jsonl"), "--hooks", "blocks.0.hook_resid_pre",
-                            "--predictions", "0", "-o", str(first)],
-                           check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT, capture_output=True)
+            capture_ioi(first)
             for name, tree in trees.items():
                 shims[name] = base / f"shim-{name}"
                 shims[name].mkdir()

@@ -23,16 +23,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from ab_interventions import capture_ioi
 from sections import publish
 
-ROOT = Path(__file__).resolve().parents[1]
 HEAD = "## Interventions: the floor under ablation"
 
 
@@ -64,9 +62,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="floor-") as tmp:
         run_path = Path(tmp) / "ioi.h5"
-        subprocess.run([sys.executable, "-m", "workbench.cli", "capture", "-m", "smollm2-135m", "--prompts",
-                        str(ROOT / "examples" / "ioi.jsonl"), "--hooks", "blocks.0.hook_resid_pre",
-                        "--predictions", "0", "-o", str(run_path)], check=True, cwd=ROOT, capture_output=True)
+        capture_ioi(run_path)
         blocks = model.bridge.blocks
         counted = {"tokens": 0, "last": 0}
 

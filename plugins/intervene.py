@@ -483,7 +483,7 @@ class Intervener:
 
         fwd = [(h, make(edits)) for h, edits in by_hook.items()]
         pos = self.metric.positions
-        # the narrow unembedding bypasses the unembedding's hooks: not for a row that edits them
+        # the narrow unembedding bypasses the unembedding's hooks: only for edits inside the blocks
         narrow = starts is not None and self._narrow is not None and all(h.startswith("blocks.") for h in by_hook)
         with torch.inference_mode(), self.bridge.hooks(fwd_hooks=fwd):
             if starts is None:
